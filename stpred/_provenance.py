@@ -1,0 +1,73 @@
+"""Record how every output was made, under ``uns["stpred"]`` of the table it lives in."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._constants import UNS_KEY
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+
+def plain(value: Any) -> Any:
+    """Convert ``value`` to JSON-like types (str, int, float, bool, None, lists and dicts of those).
+
+    Only such values survive a zarr round trip of ``uns`` unchanged.
+    """
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, Mapping):
+        # anndata cannot write None into uns: a missing key reads back as None through ``.get``.
+        return {str(k): plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple | set | np.ndarray):
+        return [plain(v) for v in (sorted(value) if isinstance(value, set) else value)]
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    return repr(value)
+
+
+def versions() -> dict[str, str]:
+    """Versions of stpred and the packages that shape its results."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("stpred", "torch", "lightning", "anndata", "spatialdata", "scanpy", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def stpred_uns(adata: AnnData) -> dict[str, Any]:
+    """The ``uns["stpred"]`` dictionary of ``adata`` (created when missing)."""
+    uns = adata.uns.get(UNS_KEY)
+    if uns is None:
+        uns = {}
+        adata.uns[UNS_KEY] = uns
+    return uns
+
+
+def record(adata: AnnData, step: str, **params: Any) -> dict[str, Any]:
+    """Add ``step`` with its parameters to ``uns["stpred"]["history"]`` (keyed ``"{i:03d}_{step}"``) and return it."""
+    uns = stpred_uns(adata)
+    entry = {
+        "step": step,
+        "params": plain(params),
+        "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "versions": versions(),
+    }
+    # a dict keyed by order, not a list: anndata cannot write lists of dicts to zarr/h5ad
+    history = dict(uns.get("history", {}))
+    history[f"{len(history):03d}_{step}"] = entry
+    uns["history"] = history
+    return entry

@@ -1,0 +1,15 @@
+"""Readers that return a SpatialData object in the stpred contract."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import attach
+
+_NAMES = {"read_legacy_st": "_legacy_st", "concat": "_concat", "read_visium": "_visium"}
+__getattr__, __dir__, __all__ = attach(__name__, _NAMES)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._concat import concat
+    from ._legacy_st import read_legacy_st
+    from ._visium import read_visium

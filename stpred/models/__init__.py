@@ -1,0 +1,25 @@
+"""Model architectures: plain :class:`torch.nn.Module` s, one file each, plus shared encoders."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import attach
+
+_NAMES = {
+    "HiFusion": "hifusion",
+    "HiST": "hist",
+    "MMAP": "mmap",
+    "register_model": "_registry",
+    "get_model": "_registry",
+    "list_models": "_registry",
+    "TrainDefaults": "_base",
+}
+__getattr__, __dir__, __all__ = attach(__name__, _NAMES)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._base import TrainDefaults
+    from ._registry import get_model, list_models, register_model
+    from .hifusion import HiFusion
+    from .hist import HiST
+    from .mmap import MMAP

@@ -1,0 +1,56 @@
+"""Name → model class registry (``@register_model``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from torch import nn
+
+M = TypeVar("M", bound=type[nn.Module])
+
+_MODELS: dict[str, type[nn.Module]] = {}
+#: Built-in models, imported on first use so that ``import stpred.models`` stays light.
+_BUILTIN = {"hifusion": "stpred.models.hifusion", "hist": "stpred.models.hist", "mmap": "stpred.models.mmap"}
+
+
+def _import_builtin(name: str | None = None) -> None:
+    import importlib
+
+    for key, module in _BUILTIN.items():
+        if (name is None or key == name) and key not in _MODELS:
+            importlib.import_module(module)
+
+
+def register_model(name: str) -> Callable[[M], M]:
+    """Class decorator that files a model under ``name`` (refuses a name already taken)."""
+
+    def deco(cls: M) -> M:
+        key = name.lower()
+        if key in _MODELS and _MODELS[key] is not cls:
+            msg = f"A model named {key!r} is already registered ({_MODELS[key].__name__})."
+            raise ValueError(msg)
+        _MODELS[key] = cls
+        cls.name = key
+        return cls
+
+    return deco
+
+
+def get_model(name: str) -> type[nn.Module]:
+    """The model class registered under ``name``."""
+    if not isinstance(name, str):
+        msg = f"Expected a model name (str), found {type(name).__name__}."
+        raise TypeError(msg)
+    _import_builtin(name.lower())
+    try:
+        return _MODELS[name.lower()]
+    except KeyError:
+        msg = f"Unknown model {name!r}. Registered models: {sorted(_MODELS)}."
+        raise ValueError(msg) from None
+
+
+def list_models() -> list[str]:
+    """Names of all registered models."""
+    _import_builtin()
+    return sorted(_MODELS)

@@ -1,0 +1,22 @@
+"""Plots (matplotlib): measured vs predicted maps, scores, loss curves, domains."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .._lazy import attach
+
+_NAMES = {
+    "spatial": "_spatial",
+    "scores": "_scores",
+    "gene_scores": "_scores",
+    "history": "_history",
+    "domains": "_domains",
+}
+__getattr__, __dir__, __all__ = attach(__name__, _NAMES)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._domains import domains
+    from ._history import history
+    from ._scores import gene_scores, scores
+    from ._spatial import spatial

@@ -1,0 +1,126 @@
+"""``tl.evaluate``: every metric of :mod:`stpred.metrics`, per section and pooled, as a tidy table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+
+from .._constants import SECTION_KEY, STPRED_TABLE, TARGET_LAYER
+from .._docs import doc_params, doc_sdata
+from .._validate import check_sections
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+
+def _resolve_table(data: SpatialData | AnnData, table_key: str) -> AnnData:
+    from anndata import AnnData
+
+    if isinstance(data, AnnData):
+        return data
+    from .._validate import get_table
+
+    return get_table(data, table_key, made_by="pp.select_genes")
+
+
+def _layer(table: AnnData, key: str, *, role: str) -> np.ndarray:
+    if key == "X":
+        x = table.X
+    elif key in table.layers:
+        x = table.layers[key]
+    else:
+        msg = f"No layer {key!r} ({role}) in the `stpred` table; found {sorted(table.layers)}."
+        if key.startswith("stpred_"):
+            msg += " Run `stpred.tl.predict(sdata, model=...)` first."
+        elif key == TARGET_LAYER:
+            msg += " Run `stpred.pp.normalize(sdata)` first."
+        raise KeyError(msg)
+    if hasattr(x, "toarray"):
+        x = x.toarray()
+    return np.asarray(x, dtype=np.float64)
+
+
+@doc_params(sdata=doc_sdata)
+def evaluate(
+    sdata: SpatialData | AnnData,
+    key: str,
+    *,
+    truth: str = TARGET_LAYER,
+    groupby: str | None = SECTION_KEY,
+    sections: Sequence[str] | None = None,
+    hist_metric: bool | Literal["auto"] = "auto",
+    table_key: str = STPRED_TABLE,
+) -> pd.DataFrame:
+    """Score a prediction layer against the measured values, per section and pooled.
+
+    Rows whose prediction is NaN (spots that were not predicted) are left out.
+
+    Parameters
+    ----------
+    {sdata}
+        An AnnData (the ``stpred`` table itself) is accepted too.
+    key
+        Prediction layer, e.g. ``"stpred_hifusion"``.
+    truth
+        Layer with the measured values on the same scale (default the training target).
+    groupby
+        ``obs`` column to score separately (``None``: pooled only).
+    sections
+        Restrict to these sections (``None``: every section with predictions).
+    hist_metric
+        Also report the HiST paper's metric (``hist_r2_flat``, ``hist_pcc_flat``: flattened R² and Pearson of
+        ``expm1(prediction)`` against raw counts ``X``). ``"auto"``: when the targets are ``log1p``-normalised.
+    table_key
+        Name of the ``stpred`` table.
+
+    Returns
+    -------
+    Tidy DataFrame with columns ``key``, ``group`` (``"pooled"`` or a ``groupby`` value), ``metric``, ``value``,
+    ``n_spots``; metrics ``mse``, ``mae``, ``pcc_gene``, ``pcc_spot``, ``pcc_flat``, ``r2_gene``, ``r2_flat``,
+    ``n_genes_excluded`` (genes left out of ``pcc_gene`` because truth or prediction is constant). The ``group``
+    column is also available under the name of ``groupby`` (``section`` by default).
+    """
+    from .. import metrics
+
+    table = _resolve_table(sdata, table_key)
+    pred = _layer(table, key, role="prediction")
+    true = _layer(table, truth, role="truth")
+    if pred.shape != true.shape:
+        msg = f"Layers {key!r} {pred.shape} and {truth!r} {true.shape} differ in shape."
+        raise ValueError(msg)
+    keep = ~np.isnan(pred).any(axis=1)
+    if sections is not None:
+        chosen = check_sections(sections, list(dict.fromkeys(table.obs[SECTION_KEY].astype(str))))
+        keep &= table.obs[SECTION_KEY].astype(str).isin(chosen).to_numpy()
+    if not keep.any():
+        msg = f"Layer {key!r} has no predicted spots in the chosen sections."
+        raise ValueError(msg)
+    if hist_metric == "auto":
+        method = dict(table.uns.get("stpred", {}).get("normalize", {})).get("method")
+        hist_metric = method == "log1p" and truth == TARGET_LAYER
+    raw = _layer(table, "X", role="raw counts") if hist_metric else None
+
+    groups: list[tuple[str, np.ndarray]] = []
+    if groupby is not None:
+        if groupby not in table.obs:
+            msg = f"No column {groupby!r} in `obs`; found {list(table.obs.columns)}."
+            raise KeyError(msg)
+        labels = table.obs[groupby].astype(str).to_numpy()
+        for g in dict.fromkeys(labels[keep]):
+            groups.append((g, keep & (labels == g)))
+    groups.append(("pooled", keep))
+    rows = []
+    for label, mask in groups:
+        scores = metrics.compute_all(pred[mask], true[mask])
+        if raw is not None:
+            scores.update(metrics.hist_metrics(pred[mask], raw[mask]))
+        for metric, value in scores.items():
+            rows.append({"key": key, "group": label, "metric": metric, "value": float(value), "n_spots": int(mask.sum())})
+    frame = pd.DataFrame(rows)
+    if groupby is not None:
+        frame[groupby] = frame["group"]
+    return frame

@@ -1,0 +1,288 @@
+"""A trained model with everything needed to apply it to new slides: :class:`Predictor`, :func:`load`."""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .._constants import STPRED_TABLE, UNS_KEY
+from .._provenance import plain, versions
+from .._validate import check_sections, get_table
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+    from torch import nn
+
+    from ..pp._patches import PatchBank
+
+_WEIGHTS = "weights.pt"
+_META = "predictor.json"
+_HISTORY = "history.csv"
+
+#: Predictors fitted in this process, per SpatialData object, so that ``predict(sdata, model="hifusion")`` finds them.
+_FITTED: weakref.WeakKeyDictionary[Any, dict[str, Predictor]] = weakref.WeakKeyDictionary()
+
+
+class Predictor:
+    """A fitted stpred model bound to its gene panel and normalisation.
+
+    Returned by :func:`stpred.tl.fit` and :func:`stpred.tl.load`; pass it as ``model=`` to
+    :func:`stpred.tl.predict`.
+
+    Attributes
+    ----------
+    model
+        The trained :class:`torch.nn.Module` (on the CPU, in eval mode).
+    name
+        Registered model name (``"hifusion"``, ``"hist"``, ``"mmap"``).
+    genes
+        Gene panel, in output order.
+    normalize
+        Normalisation recipe of the targets (``{"method": ...}``).
+    history
+        Per-epoch training and validation losses.
+    info
+        Provenance: model kwargs, sizes, seed, splits, best epoch, versions, checkpoint path.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        name: str,
+        genes: list[str],
+        normalize: dict[str, Any],
+        sizes: dict[str, int],
+        model_kwargs: dict[str, Any],
+        history: pd.DataFrame | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.name = name
+        self.genes = list(genes)
+        self.normalize = dict(normalize)
+        self.sizes = dict(sizes)
+        self.model_kwargs = dict(model_kwargs)
+        self.history = history if history is not None else pd.DataFrame()
+        self.info = dict(info or {})
+
+    def __repr__(self) -> str:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return (
+            f"Predictor(model={self.name!r}, n_genes={len(self.genes)}, normalize={self.normalize.get('method')!r}, "
+            f"params={n_params:,}, epochs={len(self.history)})"
+        )
+
+    # ------------------------------------------------------------------ apply
+    def check_compatible(self, table: Any) -> np.ndarray:
+        """Positions of the table's genes in the predictor's output; raise if genes or normalisation differ."""
+        uns = table.uns.get(UNS_KEY, {})
+        table_genes = list(map(str, table.var_names))
+        missing = [g for g in self.genes if g not in set(table_genes)]
+        extra = [g for g in table_genes if g not in set(self.genes)]
+        if missing or extra:
+            msg = (
+                f"The predictor was trained on {len(self.genes)} genes; the `stpred` table has {len(table_genes)} "
+                f"({len(missing)} of the predictor's genes are missing, first: {missing[:3]}; {len(extra)} are new, "
+                f"first: {extra[:3]}). Select the same genes with `stpred.pp.select_genes` or train a new model."
+            )
+            raise ValueError(msg)
+        method = dict(uns.get("normalize", {})).get("method")
+        if method != self.normalize.get("method"):
+            msg = (
+                f"The predictor was trained on {self.normalize.get('method')!r}-normalised targets; the table uses "
+                f"{method!r}. Run `stpred.pp.normalize(sdata, method={self.normalize.get('method')!r})`."
+            )
+            raise ValueError(msg)
+        position = {g: i for i, g in enumerate(self.genes)}
+        return np.array([position[g] for g in table_genes])
+
+    def predict(
+        self,
+        sdata: SpatialData,
+        sections: list[str] | None = None,
+        *,
+        table_key: str = STPRED_TABLE,
+        patches: PatchBank | None = None,
+        embedding_key: str | None = None,
+        batch_size: int | None = None,
+        device: str | None = None,
+        progress: bool = True,
+    ) -> np.ndarray:
+        """Predict normalised expression for the spots of ``sections``.
+
+        Parameters
+        ----------
+        sdata
+            SpatialData with the ``stpred`` table (and the model's inputs: patches or embeddings).
+        sections
+            Sections to predict (``None``: all).
+        table_key
+            Name of the ``stpred`` table.
+        patches
+            Patch bank to read crops from (default: the one registered by :func:`stpred.pp.extract_patches`).
+        embedding_key
+            ``obsm`` key of the embeddings (default: the one used in training).
+        batch_size
+            Spots per inference batch (default: the model's training batch size, at least 64).
+        device
+            ``"cuda"``, ``"cpu"``; default CUDA when available.
+        progress
+            Show a progress bar.
+
+        Returns
+        -------
+        Array ``(n_spots, n_genes)`` for the rows of ``sections`` in table order, genes in table order.
+        """
+        from ..train import TensorStore, run_inference
+        from ._inputs import model_arrays, rows_of
+
+        table = get_table(sdata, table_key, made_by="pp.select_genes")
+        order = self.check_compatible(table)
+        all_sections = list(dict.fromkeys(table.obs["section"].astype(str)))
+        sections = check_sections(sections, all_sections)
+        arrays = model_arrays(
+            sdata,
+            table,
+            self.model,
+            embedding_key=embedding_key or self.info.get("embedding_key"),
+            patches=patches,
+            with_target=False,
+        )
+        store = TensorStore(arrays)
+        groups = list(rows_of(table, sections).values())
+        prepare = getattr(self.model, "prepare_slides", None)
+        if prepare is not None:
+            prepare(store, groups)
+        train_bs = int(self.info.get("batch_size") or 32)
+        pred = run_inference(
+            self.model,
+            store,
+            groups,
+            batching=self.model.batching,
+            batch_size=batch_size or max(64, train_bs),
+            device=device,
+            progress=progress,
+        )
+        rows = np.concatenate(groups)
+        out = np.empty_like(pred)
+        out[np.argsort(rows, kind="stable")] = pred
+        return out[:, order]
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write weights, gene panel, recipe and history to the directory ``path``.
+
+        Parameters
+        ----------
+        path
+            Target directory (created).
+        overwrite
+            Replace an existing directory's predictor files.
+        """
+        import torch
+
+        path = Path(path)
+        if (path / _META).exists() and not overwrite:
+            msg = f"{path} already holds a saved predictor; pass `overwrite=True` to replace it."
+            raise FileExistsError(msg)
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(self.model.state_dict(), path / _WEIGHTS)
+        meta = {
+            "model": self.name,
+            "genes": self.genes,
+            "normalize": self.normalize,
+            "sizes": self.sizes,
+            "model_kwargs": plain(self.model_kwargs),
+            "info": plain(self.info),
+            "versions": versions(),
+        }
+        (path / _META).write_text(json.dumps(meta, indent=2))
+        self.history.to_csv(path / _HISTORY, index=False)
+        return path
+
+
+def load(path: str | os.PathLike) -> Predictor:
+    """Load a predictor written by :meth:`Predictor.save`.
+
+    Parameters
+    ----------
+    path
+        Directory written by :meth:`Predictor.save`.
+
+    Returns
+    -------
+    The predictor, with weights loaded strictly (any missing or unexpected tensor is an error).
+    """
+    import torch
+
+    from ..models import get_model
+
+    path = Path(path)
+    if not (path / _META).is_file() or not (path / _WEIGHTS).is_file():
+        msg = f"No saved predictor at {str(path)!r} (expected {_META} and {_WEIGHTS}); save one with `Predictor.save`."
+        raise FileNotFoundError(msg)
+    meta = json.loads((path / _META).read_text())
+    cls = get_model(meta["model"])
+    model = cls(**meta["sizes"], **meta["model_kwargs"])
+    state = torch.load(path / _WEIGHTS, map_location="cpu", weights_only=True)
+    restore = getattr(model, "prepare_state_dict", None)
+    if restore is not None:
+        restore(state)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    history = pd.read_csv(path / _HISTORY) if (path / _HISTORY).stat().st_size > 1 else pd.DataFrame()
+    info = dict(meta.get("info", {}))
+    info["checkpoint"] = str(path)
+    return Predictor(
+        model,
+        name=meta["model"],
+        genes=meta["genes"],
+        normalize=meta["normalize"],
+        sizes=meta["sizes"],
+        model_kwargs=meta["model_kwargs"],
+        history=history,
+        info=info,
+    )
+
+
+def register_fitted(sdata: SpatialData, predictor: Predictor) -> None:
+    """Remember ``predictor`` as the fitted model of its name for ``sdata`` (this process only)."""
+    _FITTED.setdefault(sdata, {})[predictor.name] = predictor
+
+
+def resolve_predictor(sdata: SpatialData, model: Any, *, table_key: str = STPRED_TABLE) -> Predictor:
+    """A predictor from a :class:`Predictor`, a saved directory, or the name of a model fitted on ``sdata``."""
+    from ..models import get_model
+
+    if isinstance(model, Predictor):
+        return model
+    if isinstance(model, os.PathLike) or (isinstance(model, str) and os.sep in model):
+        return load(model)
+    if not isinstance(model, str):
+        msg = f"`model` must be a model name, a Predictor or a saved path; found {type(model).__name__}."
+        raise TypeError(msg)
+    name = model.lower()
+    if name not in _FITTED.get(sdata, {}) and Path(model).is_dir():
+        return load(model)
+    get_model(name)  # unknown names fail here, listing the registered ones
+    fitted = _FITTED.get(sdata, {})
+    if name in fitted:
+        return fitted[name]
+    table = sdata.tables.get(table_key)
+    saved = None
+    if table is not None:
+        saved = dict(table.uns.get(UNS_KEY, {}).get("models", {})).get(name, {}).get("checkpoint")
+    if saved and Path(saved).is_dir():
+        return load(saved)
+    msg = (
+        f"No fitted {name!r} model for this SpatialData. Run `stpred.tl.fit(sdata, model={name!r})` first, "
+        "or pass a Predictor (`model=predictor`) or the path of a saved one."
+    )
+    raise KeyError(msg)

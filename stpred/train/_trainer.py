@@ -1,0 +1,208 @@
+"""Build the Lightning ``Trainer``, run training, and run batched inference."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from ..models._base import TrainDefaults
+from ._callbacks import HistoryCallback
+from ._data import IndexDataModule, TensorStore
+from ._module import StpredModule
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    """``"auto"`` → ``"gpu"`` when CUDA is available, else ``"cpu"``."""
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        msg = f"accelerator={accelerator!r} was requested but no CUDA device is available; use accelerator='cpu'."
+        raise ValueError(msg)
+    return accelerator
+
+
+def resolve_precision(precision: str | int | None, accelerator: str) -> str | int:
+    """Default precision: bf16 mixed on CUDA devices that support it, full fp32 elsewhere."""
+    if precision is not None:
+        return precision
+    if accelerator in ("gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def make_trainer(
+    *,
+    max_epochs: int,
+    accelerator: str = "auto",
+    devices: int | str | Sequence[int] = "auto",
+    strategy: str | Any = "auto",
+    precision: str | int | None = None,
+    callbacks: Sequence[L.Callback] = (),
+    default_root_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    **trainer_kwargs: Any,
+) -> L.Trainer:
+    """A ``Trainer`` with stpred's defaults (no logger files, deterministic on CPU, bf16 on CUDA)."""
+    accelerator = resolve_accelerator(accelerator)
+    precision = resolve_precision(precision, accelerator)
+    kwargs: dict[str, Any] = {
+        "max_epochs": max_epochs,
+        "accelerator": accelerator,
+        "devices": devices,
+        "strategy": strategy,
+        "precision": precision,
+        "deterministic": accelerator == "cpu",
+        "logger": False,
+        "callbacks": list(callbacks),
+        "enable_progress_bar": progress,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "log_every_n_steps": 1,
+        "default_root_dir": None if default_root_dir is None else str(default_root_dir),
+    }
+    kwargs.update(trainer_kwargs)
+    return L.Trainer(**kwargs)
+
+
+def train_model(
+    model: nn.Module,
+    store: TensorStore,
+    train_groups: Sequence[np.ndarray],
+    val_groups: Sequence[np.ndarray] = (),
+    *,
+    optim: TrainDefaults,
+    batching: Literal["spots", "slide"] = "spots",
+    max_epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    accelerator: str = "auto",
+    devices: int | str | Sequence[int] = "auto",
+    strategy: str | Any = "auto",
+    precision: str | int | None = None,
+    checkpoint_dir: str | os.PathLike,
+    early_stopping_patience: int | None = None,
+    progress: bool = True,
+    per_slide: bool = False,
+    phase: int = 1,
+    resident: bool | None = None,
+    trainer_kwargs: dict[str, Any] | None = None,
+) -> tuple[pd.DataFrame, Path | None, int]:
+    """Train ``model`` in place and restore the weights of its best validation epoch.
+
+    Returns
+    -------
+    history
+        One row per epoch (``train_loss``, ``val_loss``, ... and ``lr``).
+    best_checkpoint
+        Path of the best-epoch checkpoint (``None`` without a validation split: the last epoch is kept).
+    best_epoch
+        Index of the epoch whose weights the model now holds.
+    """
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    data = IndexDataModule(
+        train_groups, val_groups, batching=batching, batch_size=batch_size, seed=seed, per_slide=per_slide
+    )
+    module = StpredModule(model, store, optim, resident=resident)
+    history = HistoryCallback()
+    history.phase = phase
+    callbacks: list[L.Callback] = [history]
+    checkpoint = None
+    if data.has_val:
+        checkpoint = ModelCheckpoint(
+            dirpath=str(checkpoint_dir),
+            filename=f"phase{phase}-best",
+            monitor="val_loss",
+            mode="min",
+            save_top_k=1,
+            save_weights_only=True,
+            enable_version_counter=False,
+        )
+        callbacks.append(checkpoint)
+        if early_stopping_patience is not None:
+            callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=early_stopping_patience))
+    trainer = make_trainer(
+        max_epochs=max_epochs,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        precision=precision,
+        callbacks=callbacks,
+        default_root_dir=checkpoint_dir,
+        progress=progress,
+        enable_checkpointing=checkpoint is not None,
+        **(trainer_kwargs or {}),
+    )
+    with warnings.catch_warnings():
+        # the store gather lives in the module's `on_after_batch_transfer` on purpose (it needs the device)
+        warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+        trainer.fit(module, datamodule=data)
+    frame = history.frame()
+    best_path = None
+    best_epoch = int(frame["epoch"].max()) if len(frame) else 0
+    if checkpoint is not None and checkpoint.best_model_path:
+        best_path = Path(checkpoint.best_model_path)
+        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+        if "val_loss" in frame:
+            best_epoch = int(frame.loc[frame["val_loss"].idxmin(), "epoch"])
+    model.to("cpu", memory_format=torch.contiguous_format)
+    store.to("cpu")
+    model.eval()
+    return frame, best_path, best_epoch
+
+
+@torch.inference_mode()
+def run_inference(
+    model: nn.Module,
+    store: TensorStore,
+    groups: Sequence[np.ndarray],
+    *,
+    batching: Literal["spots", "slide"] = "spots",
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    precision: str | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Predictions for the rows in ``groups`` (concatenated in that order), as float32 numpy.
+
+    Spots are processed in batches of ``batch_size`` (``"spots"``) or one group at a time (``"slide"``), with
+    bf16 autocast and channels_last on CUDA.
+    """
+    from tqdm.auto import tqdm
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    precision = resolve_precision(precision, "gpu" if device.type == "cuda" else "cpu")
+    autocast = device.type == "cuda" and str(precision).startswith("bf16")
+    model = model.to(device).eval()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if batching == "slide":
+        batches = [np.asarray(g) for g in groups]
+    else:
+        flat = np.concatenate([np.asarray(g) for g in groups]) if len(groups) else np.zeros(0, np.int64)
+        batches = [flat[i : i + batch_size] for i in range(0, len(flat), batch_size)]
+    outputs = []
+    for idx in tqdm(batches, desc="predict", disable=not progress, leave=False):
+        batch = store.gather(torch.as_tensor(idx, dtype=torch.long), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            pred = model(batch)["pred"]
+        outputs.append(pred.float().cpu())
+    model.to("cpu", memory_format=torch.contiguous_format)
+    if not outputs:
+        return np.zeros((0, 0), np.float32)
+    return torch.cat(outputs).numpy()
