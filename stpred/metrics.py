@@ -377,8 +377,8 @@ def hist_metrics(
 
     Returns
     -------
-    ``{"hist_r2", "hist_pcc"}`` over all spots pooled (HiST's ``"spot"`` metrics); with ``groups`` also
-    ``{"hist_r2_slide_avg", "hist_pcc_slide_avg"}``.
+    ``{"hist_r2_flat", "hist_pcc_flat"}`` over all spots pooled (HiST's ``"spot"`` metrics); with ``groups`` also
+    ``{"hist_r2_flat_slide_avg", "hist_pcc_flat_slide_avg"}``.
     """
     p, t = _check_pair(pred_log, raw_counts, matrix=True)
     with np.errstate(over="ignore"):
@@ -386,15 +386,15 @@ def hist_metrics(
     if not np.isfinite(counts).all():
         msg = "`expm1(pred_log)` overflows; `pred_log` must be on the log1p scale (values below ~700)."
         raise ValueError(msg)
-    out = {"hist_r2": r2_flat(counts, t), "hist_pcc": pcc_flat(counts, t)}
+    out = {"hist_r2_flat": r2_flat(counts, t), "hist_pcc_flat": pcc_flat(counts, t)}
     if groups is not None:
         g = np.asarray(groups)
         if g.shape != (p.shape[0],):
             msg = f"`groups` must have one label per spot ({p.shape[0]}), found shape {g.shape}."
             raise ValueError(msg)
         per = [(r2_flat(counts[g == k], t[g == k]), pcc_flat(counts[g == k], t[g == k])) for k in np.unique(g)]
-        out["hist_r2_slide_avg"] = float(np.mean([r for r, _ in per]))
-        out["hist_pcc_slide_avg"] = float(np.mean([c for _, c in per]))
+        out["hist_r2_flat_slide_avg"] = float(np.mean([r for r, _ in per]))
+        out["hist_pcc_flat_slide_avg"] = float(np.mean([c for _, c in per]))
     return out
 
 

@@ -28,7 +28,9 @@ def _tiny_sdata(*, noise: float = 0.3, seed: int = 0):
     xy = np.stack([(ax + 0.5) * pitch, (ay + 0.5) * pitch], axis=1)
     shapes, obs, spatial, domain = {}, [], [], []
     for s in ("A", "B"):
-        shapes[f"{s}_spots"] = ShapesModel.parse(xy, geometry=0, radius=np.full(len(xy), pitch / 4), transformations={s: Identity()})
+        shapes[f"{s}_spots"] = ShapesModel.parse(
+            xy, geometry=0, radius=np.full(len(xy), pitch / 4), transformations={s: Identity()}
+        )
         obs.append(
             pd.DataFrame(
                 {
@@ -65,20 +67,20 @@ def _tiny_sdata(*, noise: float = 0.3, seed: int = 0):
 
 
 @pytest.fixture(scope="module")
-def _sdata_once():
+def _tiny_once():
     return _tiny_sdata()
 
 
 @pytest.fixture
-def sdata(_sdata_once):
+def tiny(_tiny_once):
     import spatialdata as sd
 
-    return sd.deepcopy(_sdata_once)
+    return sd.deepcopy(_tiny_once)
 
 
-def test_domains_kmeans_recovers_programmes(sdata):
-    stpred.tl.domains(sdata, layer="target", n_domains=3, n_pcs=5)
-    t = sdata.tables["stpred"]
+def test_domains_kmeans_recovers_programmes(tiny):
+    stpred.tl.domains(tiny, layer="target", n_domains=3, n_pcs=5)
+    t = tiny.tables["stpred"]
     labels = t.obs["domains_target"]
     assert isinstance(labels.dtype, pd.CategoricalDtype)
     assert list(labels.cat.categories) == ["0", "1", "2"]
@@ -93,9 +95,9 @@ def test_domains_kmeans_recovers_programmes(sdata):
     assert any(k.endswith("tl.domains") for k in t.uns["stpred"]["history"])
 
 
-def test_domains_leiden_recovers_programmes(sdata):
-    stpred.tl.domains(sdata, layer="target", resolution=0.3, key_added="leiden_dom", random_state=1)
-    t = sdata.tables["stpred"]
+def test_domains_leiden_recovers_programmes(tiny):
+    stpred.tl.domains(tiny, layer="target", resolution=0.3, key_added="leiden_dom", random_state=1)
+    t = tiny.tables["stpred"]
     assert adjusted_rand_score(t.obs["truth_domain"], t.obs["leiden_dom"]) > 0.9
     assert t.uns["stpred"]["domains"]["leiden_dom"]["method"] == "leiden"
 
@@ -111,10 +113,10 @@ def test_spatial_smoothing_helps_on_noisy_layer():
     assert ari_smooth > 0.8
 
 
-def test_spatial_graph_never_crosses_sections(sdata):
+def test_spatial_graph_never_crosses_sections(tiny):
     from stpred.tl._domains import spatial_graph
 
-    t = sdata.tables["stpred"]
+    t = tiny.tables["stpred"]
     g = spatial_graph(t).tocoo()
     sec = t.obs["section"].to_numpy()
     assert g.nnz > 0
@@ -123,49 +125,49 @@ def test_spatial_graph_never_crosses_sections(sdata):
     assert int(np.median(np.asarray((g.tocsr() > 0).sum(axis=1)).ravel())) == 4
 
 
-def test_domains_nan_rows_left_out(sdata):
-    t = sdata.tables["stpred"]
+def test_domains_nan_rows_left_out(tiny):
+    t = tiny.tables["stpred"]
     layer = t.layers["target"].copy()
     layer[t.obs["section"].to_numpy() == "B"] = np.nan
     t.layers["pred_partial"] = layer
     with pytest.warns(UserWarning, match="144 of 288 spots have NaN"):
-        stpred.tl.domains(sdata, layer="pred_partial", n_domains=3, spatial_smoothing=0.5)
+        stpred.tl.domains(tiny, layer="pred_partial", n_domains=3, spatial_smoothing=0.5)
     lab = t.obs["domains_pred_partial"]
     assert lab[t.obs["section"] == "B"].isna().all()
     assert lab[t.obs["section"] == "A"].notna().all()
 
 
-def test_domains_errors(sdata):
+def test_domains_errors(tiny):
     with pytest.raises(KeyError, match=r"No layer 'nope' in table 'stpred'; available layers: \['target'\]"):
-        stpred.tl.domains(sdata, layer="nope")
+        stpred.tl.domains(tiny, layer="nope")
     with pytest.raises(ValueError, match=r"`n_domains` between 2 and the number of spots \(288\), found 1"):
-        stpred.tl.domains(sdata, layer="target", n_domains=1)
+        stpred.tl.domains(tiny, layer="target", n_domains=1)
     with pytest.raises(TypeError, match="`n_domains` to be an integer"):
-        stpred.tl.domains(sdata, layer="target", n_domains=2.5)
+        stpred.tl.domains(tiny, layer="target", n_domains=2.5)
     with pytest.raises(ValueError, match=r"`spatial_smoothing` in \[0, 1\]"):
-        stpred.tl.domains(sdata, layer="target", spatial_smoothing=1.5)
+        stpred.tl.domains(tiny, layer="target", spatial_smoothing=1.5)
     with pytest.raises(ValueError, match="`resolution` to be positive"):
-        stpred.tl.domains(sdata, layer="target", resolution=0)
-    del sdata.tables["stpred"]
+        stpred.tl.domains(tiny, layer="target", resolution=0)
+    del tiny.tables["stpred"]
     with pytest.raises(KeyError, match=r"No table 'stpred'.*Run `stpred.pp.select_genes\(sdata\)` first"):
-        stpred.tl.domains(sdata, layer="target")
+        stpred.tl.domains(tiny, layer="target")
 
 
-def test_domain_agreement_matches_sklearn(sdata):
-    t = sdata.tables["stpred"]
+def test_domain_agreement_matches_sklearn(tiny):
+    t = tiny.tables["stpred"]
     rng = np.random.default_rng(0)
     noisy = t.obs["truth_domain"].astype(str).to_numpy().copy()
     flip = rng.random(t.n_obs) < 0.3
     noisy[flip] = rng.choice(["0", "1", "2", "3"], flip.sum())
     t.obs["noisy"] = pd.Categorical(noisy)
-    out = stpred.tl.domain_agreement(sdata, "noisy", "truth_domain")
+    out = stpred.tl.domain_agreement(tiny, "noisy", "truth_domain")
     truth = t.obs["truth_domain"].astype(str)
     assert out["ari"] == pytest.approx(adjusted_rand_score(truth, noisy))
     assert out["nmi"] == pytest.approx(normalized_mutual_info_score(truth, noisy))
     assert out["n_spots"] == t.n_obs
     assert 0.2 < out["ari"] < 0.9
 
-    per = stpred.tl.domain_agreement(sdata, "noisy", "truth_domain", by="section")
+    per = stpred.tl.domain_agreement(tiny, "noisy", "truth_domain", by="section")
     assert list(per.index) == ["A", "B"]
     a = (t.obs["section"] == "A").to_numpy()
     assert per.loc["A", "ari"] == pytest.approx(adjusted_rand_score(truth[a], noisy[a]))
@@ -174,18 +176,18 @@ def test_domain_agreement_matches_sklearn(sdata):
     # missing labels are left out
     t.obs["partial"] = t.obs["noisy"].copy()
     t.obs.loc[t.obs_names[:10], "partial"] = np.nan
-    out = stpred.tl.domain_agreement(sdata, "partial", "truth_domain")
+    out = stpred.tl.domain_agreement(tiny, "partial", "truth_domain")
     assert out["n_spots"] == t.n_obs - 10
     assert out["ari"] == pytest.approx(adjusted_rand_score(truth[10:], noisy[10:]))
 
     with pytest.raises(KeyError, match=r"No column 'domains_x' in `obs`.*stpred.tl.domains"):
-        stpred.tl.domain_agreement(sdata, "domains_x", "truth_domain")
+        stpred.tl.domain_agreement(tiny, "domains_x", "truth_domain")
     with pytest.raises(KeyError, match="No column 'slide'"):
-        stpred.tl.domain_agreement(sdata, "noisy", "truth_domain", by="slide")
+        stpred.tl.domain_agreement(tiny, "noisy", "truth_domain", by="slide")
 
 
-def test_spatial_autocorr_agreement(sdata):
-    t = sdata.tables["stpred"]
+def test_spatial_autocorr_agreement(tiny):
+    t = tiny.tables["stpred"]
     rng = np.random.default_rng(0)
     x = t.obs["array_x"].to_numpy().astype(float)
     y = t.obs["array_y"].to_numpy().astype(float)
@@ -196,7 +198,7 @@ def test_spatial_autocorr_agreement(sdata):
     t.layers["target"] = truth
     pred = truth + rng.normal(scale=0.1, size=truth.shape).astype(np.float32)
     t.layers["stpred_m"] = pred
-    df = stpred.tl.spatial_autocorr_agreement(sdata, layer="stpred_m")
+    df = stpred.tl.spatial_autocorr_agreement(tiny, layer="stpred_m")
     assert list(df.index) == list(t.var_names)
     assert list(df.columns) == ["I_pred", "I_truth", "delta"]
     assert df.loc["G0", "I_truth"] > 0.5
@@ -216,9 +218,9 @@ def test_spatial_autocorr_agreement(sdata):
     moran = len(z) / w.sum() * (z @ (w @ z)) / (z @ z)
     assert df.loc["G0", "I_truth"] == pytest.approx(moran, rel=1e-4)
 
-    sub = stpred.tl.spatial_autocorr_agreement(sdata, layer="stpred_m", genes=["G0", "G1"])
+    sub = stpred.tl.spatial_autocorr_agreement(tiny, layer="stpred_m", genes=["G0", "G1"])
     assert list(sub.index) == ["G0", "G1"]
     with pytest.raises(KeyError, match=r"Gene\(s\) \['XX'\] not in table 'stpred'"):
-        stpred.tl.spatial_autocorr_agreement(sdata, layer="stpred_m", genes=["XX"])
+        stpred.tl.spatial_autocorr_agreement(tiny, layer="stpred_m", genes=["XX"])
     with pytest.raises(KeyError, match=r"No layer 'stpred_hifusion'.*available layers: \['stpred_m', 'target'\]"):
-        stpred.tl.spatial_autocorr_agreement(sdata, layer="stpred_hifusion")
+        stpred.tl.spatial_autocorr_agreement(tiny, layer="stpred_hifusion")

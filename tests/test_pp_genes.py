@@ -60,7 +60,8 @@ def test_mean_matches_hand_computation(tiny: SpatialData) -> None:
     expected = _expected_mean_genes(df, ["S0", "S1"], 5)
     assert list(out.var_names) == expected
     assert out.uns["stpred"]["genes"] == expected
-    assert out.X.dtype == np.float32 and isinstance(out.X, np.ndarray)
+    assert out.X.dtype == np.float32
+    assert isinstance(out.X, np.ndarray)
     np.testing.assert_array_equal(out.X, df.loc[out.obs_names, expected].to_numpy(np.float32))
 
 
@@ -130,6 +131,7 @@ def test_stpred_table_follows_contract(tiny: SpatialData) -> None:
     assert last["params"]["n_top"] == 3
 
 
+@pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")  # zarr 3 notice on anndata's write
 def test_uns_survives_zarr_round_trip(tiny: SpatialData, tmp_path) -> None:
     import anndata as ad
 
@@ -215,7 +217,8 @@ def test_normalize_matches_hand_computation(tiny: SpatialData, method: str) -> N
         expected = np.log(1 + c)
     stpred.pp.normalize(tiny, method=method)
     target = out.layers["target"]
-    assert target.dtype == np.float32 and target.shape == out.shape
+    assert target.dtype == np.float32
+    assert target.shape == out.shape
     np.testing.assert_allclose(target, expected, rtol=1e-6, atol=1e-6)
     assert out.uns["stpred"]["normalize"] == {"method": method}
     assert any(k.endswith("normalize") for k in out.uns["stpred"]["history"])

@@ -166,7 +166,7 @@ def synthetic(
     ``grid * pitch`` pixels per side (1920 px by default). The tissue mixes three morphologies that vary smoothly
     over a few spot distances: *tumour-like* areas (dense, large purple nuclei), *stroma-like* areas (pink fibres,
     sparse small nuclei) and *immune-like* areas (dense small dark dots), inside a white background. Only spots
-    with at least half of their disc on tissue are kept (about 100–130 per section by default).
+    with at least half of their disc on tissue are kept (about 115–125 of the 144 per section by default).
 
     Genes follow programmes (``var["programme"]``, cycled over the genes): ``tumour``, ``stroma`` and ``immune``
     genes depend on the matching morphology measured in the pixels of each spot (``obsm["morphology"]``), ``mixed``

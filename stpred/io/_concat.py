@@ -159,7 +159,8 @@ def concat(sdatas: Sequence[SpatialData]) -> SpatialData:
     joined.X = sparse.csr_matrix(joined.X, dtype=np.float32)
     joined.var = var
     for column in joined.obs.columns:
-        if isinstance(tables[0].obs[column].dtype, pd.CategoricalDtype) or column == SECTION_KEY:
+        categorical = any(column in t.obs and isinstance(t.obs[column].dtype, pd.CategoricalDtype) for t in tables)
+        if categorical and not joined.obs[column].isna().any():
             joined.obs[column] = pd.Categorical(
                 joined.obs[column].astype(str), categories=list(dict.fromkeys(joined.obs[column].astype(str)))
             )

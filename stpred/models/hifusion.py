@@ -252,6 +252,16 @@ class HiFusion(nn.Module):
         if c.channels_last:
             self.to(memory_format=torch.channels_last)
 
+    def init_head_bias(self, mean: Tensor) -> None:
+        """Start the final and auxiliary heads at the mean training target (called by :func:`stpred.tl.fit`).
+
+        Not in the reference, which starts from zero-mean outputs: with ``log_share`` targets near ln(1/250) the
+        first epochs are then spent learning that offset. Starting at the mean changes no architecture or loss.
+        """
+        with torch.no_grad():
+            self.head.bias.copy_(mean.to(self.head.bias))
+            self.aux_head.bias.copy_(mean.to(self.aux_head.bias))
+
     @classmethod
     def tiny(cls, n_genes: int, **overrides: Any) -> HiFusion:
         """A small model (:data:`TINY_CONFIG`: width 8, 64/128 px crops, grids 1/2/4) for tests and smoke runs."""

@@ -29,23 +29,27 @@ backbone                          ViT-S/16 (CPU-sized)    UNI ViT-L/16 (``backbo
                                                           ``backbone_kwargs={"init_values": 1e-5}``)
 ================================  ======================  =====================================
 
-Engine protocol (what :func:`stpred.tl.fit` must do)
-----------------------------------------------------
-1. Phase 1: train as any ``batching="spots"`` model on batches with ``"spot"`` and ``"target"`` (``"slide"`` is
-   ignored); call :meth:`MMAP.augment` on training batches (it applies dihedral flips and records ``progress`` for
-   the optional warm-up). Only parameters with ``requires_grad`` are trainable.
-2. ``model.set_phase(2)`` — freezes every phase-1 parameter and unfreezes ``global_attn``/``head3``.
-   **Build a new optimizer** over ``[p for p in model.parameters() if p.requires_grad]``.
-3. ``model.eval()``; for each training slide run :meth:`MMAP.encode` over all of its spots (in batches, under
-   ``torch.no_grad``), concatenate the ``"feature"`` outputs, and call
-   ``model.build_prototypes(features, slide)`` with the matching ``(N,)`` slide indices (one call with several
-   slides, or one call per slide: entries of other slides are kept).
-4. Phase 2: train on batches with ``"spot"``, ``"slide"`` (the same indices as in step 3) and ``"target"``. The
-   backbone still runs (frozen, in eval mode, without gradients) on every batch; to skip it, put the cached
-   ``"feature"`` and ``"pred1"`` rows from step 3 into the batch and they are used instead.
-5. Prediction on any slide (a new one, or after :func:`stpred.tl.load`): ``build_prototypes`` on that slide's
-   spots first (transductive per slide, as in the paper: no labels are used), then ``forward``. The prototype bank
-   and the phase are saved in the state dict and restored by ``load_state_dict``.
+Engine protocol (the hooks :func:`stpred.tl.fit` and ``Predictor.predict`` call)
+--------------------------------------------------------------------------------
+1. The per-spot store holds ``"spot"`` (uint8 crops), ``"slide"`` (section index) and ``"target"``
+   (:attr:`MMAP.inputs` declares ``("spot", "slide")`` up front; phase 1 ignores ``"slide"``).
+2. For each ``phase`` in :attr:`MMAP.phases` = ``(1, 2)``: ``model.set_phase(phase)`` (only that phase's
+   parameters keep ``requires_grad``: LoRA adapters, ``local_attn``, ``head1``, ``head2`` in phase 1;
+   ``global_attn``, ``head3`` in phase 2), then ``model.prepare_slides(store, groups)`` with one row-index array
+   per slide, then training with a **new optimizer** over the parameters that require grad, calling
+   :meth:`MMAP.augment` on training batches (dihedral flips in phase 1; it also records ``progress`` for the
+   optional warm-up).
+3. ``prepare_slides`` does nothing in phase 1. In phase 2 it runs :meth:`MMAP.encode` (frozen phase 1, eval mode,
+   no gradients) over every spot of the groups, calls :meth:`MMAP.build_prototypes` per slide, and caches the
+   features and phase-1 predictions in the store as ``"feature"``/``"pred1"``; :meth:`MMAP.forward` then uses
+   them instead of running the backbone (without them it recomputes them with :meth:`MMAP.encode`).
+4. Prediction on any slide (a new one, or after :func:`stpred.tl.load`): ``prepare_slides(store, groups)`` on the
+   slides to predict first (transductive per slide, as in the paper: no labels are used), then ``forward``.
+   The prototype bank (``proto_bank``/``proto_mask``/``proto_slides``) and the phase (``current_phase``) are
+   buffers in the state dict; ``load_state_dict`` resizes the bank and re-applies the phase.
+
+Without the engine: ``set_phase(2)``; ``feats = encode(batch)["feature"]`` over all spots of each slide;
+``build_prototypes(feats, slide)``; then ``forward({"spot": ..., "slide": ...})``.
 """
 
 from __future__ import annotations
@@ -329,9 +333,12 @@ class MMAP(nn.Module):
     torch.Size([4, 5])
     """
 
-    #: Batch keys needed in phase 1; an instance in phase 2 also needs ``"slide"``.
-    inputs: tuple[str, ...] = ("spot",)
+    #: Batch keys the engine supplies; ``"slide"`` is only read in phase 2 but declared up front, because the
+    #: engine builds its per-spot arrays once, before phase 1.
+    inputs: tuple[str, ...] = ("spot", "slide")
     batching = "spots"
+    #: Training phases, run in this order by the engine (``set_phase`` then ``prepare_slides`` before each).
+    phases: tuple[int, ...] = (1, 2)
 
     def __init__(self, n_genes: int, **config: Any) -> None:
         super().__init__()
@@ -401,7 +408,6 @@ class MMAP(nn.Module):
             p.requires_grad_(True)
         self._phase = int(phase)
         self.current_phase.fill_(int(phase))
-        self.inputs = ("spot",) if phase == 1 else ("spot", "slide")
 
     # ------------------------------------------------------------------ phase 1
     def _standardize(self, x: Tensor) -> Tensor:
@@ -546,9 +552,7 @@ class MMAP(nn.Module):
         bank = torch.zeros(len(ids), cfg.proto_k_max, self.feature_dim, device=device)
         mask = torch.zeros(len(ids), cfg.proto_k_max, dtype=torch.bool, device=device)
         for i, (s, k) in enumerate(zip(ids.tolist(), ks)):  # one K-means per slide
-            res = kmeans(
-                features[slide == s], k, n_init=cfg.proto_n_init, metric=cfg.proto_metric, seed=cfg.proto_seed
-            )
+            res = kmeans(features[slide == s], k, n_init=cfg.proto_n_init, metric=cfg.proto_metric, seed=cfg.proto_seed)
             bank[i, :k] = res.centroids
             mask[i, :k] = True
             logger.debug("Slide %d: %d prototypes from %d spots (inertia %.4g).", s, k, int(counts[i]), res.inertia)
@@ -557,6 +561,63 @@ class MMAP(nn.Module):
         self.proto_mask = torch.cat([self.proto_mask[keep], mask])
         self.proto_slides = torch.cat([self.proto_slides[keep], ids])
         return dict(zip(ids.tolist(), ks))
+
+    @torch.no_grad()
+    def prepare_slides(self, store: Any, groups: Sequence[Any], *, batch_size: int = 64) -> None:
+        """Engine hook run before each phase and before prediction: in phase 2, encode and build prototypes.
+
+        In phase 1 this does nothing. In phase 2 every spot of ``groups`` is encoded (:meth:`encode`, in batches,
+        on CUDA with bf16 autocast when available, else on the model's device), :meth:`build_prototypes` runs on
+        the resulting features with the store's ``"slide"`` indices, and the features and phase-1 predictions are
+        added to the store as ``"feature"`` ``(N, D)`` and ``"pred1"`` ``(N, n_genes)`` (NaN for rows outside
+        ``groups``), so that phase-2 batches skip the frozen backbone — the reference likewise caches them once.
+
+        Parameters
+        ----------
+        store
+            The engine's :class:`~stpred.train.TensorStore` (``.tensors``: batch key → per-row tensor, ``.n``
+            rows) holding ``"spot"`` and ``"slide"``.
+        groups
+            Row indices, one array per slide (training and validation slides in :func:`stpred.tl.fit`, the
+            slides to predict in ``Predictor.predict``).
+        batch_size
+            Spots per encoding batch.
+        """
+        if self._phase != 2:
+            return
+        tensors = store.tensors
+        missing = [k for k in ("spot", "slide") if k not in tensors]
+        if missing:
+            msg = f"MMAP phase 2 needs the store entries {missing}; found {sorted(tensors)}."
+            raise KeyError(msg)
+        rows = torch.cat([torch.as_tensor(g, dtype=torch.long).reshape(-1) for g in groups]).unique()
+        if rows.numel() == 0:
+            msg = "Expected at least one spot in `groups`, found none."
+            raise ValueError(msg)
+        home = self.proto_bank.device
+        device = torch.device("cuda") if torch.cuda.is_available() else home
+        self.to(device)
+        try:
+            feats, preds = [], []
+            for chunk in rows.split(batch_size):
+                spot = tensors["spot"].index_select(0, chunk.to(tensors["spot"].device)).to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    enc = self.encode({"spot": spot})
+                feats.append(enc["feature"])
+                preds.append(enc["pred1"])
+            feature, pred1 = torch.cat(feats), torch.cat(preds)
+            slide = tensors["slide"].index_select(0, rows.to(tensors["slide"].device))
+            ks = self.build_prototypes(feature, slide)
+        finally:
+            self.to(home)
+        logger.info("MMAP prototypes: %s (slide: K).", ks)
+        at = rows.to(store.device)
+        for key, value in (("feature", feature), ("pred1", pred1)):
+            cache = tensors.get(key)
+            if cache is None or tuple(cache.shape) != (store.n, value.shape[1]):
+                cache = torch.full((store.n, value.shape[1]), float("nan"), device=store.device)
+            cache[at] = value.to(device=cache.device, dtype=cache.dtype)
+            tensors[key] = cache
 
     def _prototype_tokens(self, feature: Tensor, slide: Tensor) -> tuple[Tensor, Tensor]:
         """``[feature, top-L prototypes, pads]`` tokens ``(B, 1 + L_max, D)`` and their key mask ``(B, 1 + L_max)``."""
@@ -612,8 +673,17 @@ class MMAP(nn.Module):
         if "slide" not in batch:
             msg = f"MMAP phase 2 needs the batch key 'slide' (section index of each spot); found {sorted(batch)}."
             raise KeyError(msg)
-        enc = {"feature": batch["feature"], "pred1": batch["pred1"]} if "feature" in batch else self.encode(batch)
-        feature, pred1 = enc["feature"], enc["pred1"]
+        if "feature" in batch and "pred1" in batch:
+            feature, pred1 = batch["feature"], batch["pred1"]
+            if not bool(torch.isfinite(feature).all()):
+                msg = (
+                    "The batch's cached 'feature' rows are missing (NaN) for some spots: run "
+                    "`model.prepare_slides(store, groups)` with groups covering these spots first."
+                )
+                raise ValueError(msg)
+        else:
+            enc = self.encode(batch)
+            feature, pred1 = enc["feature"], enc["pred1"]
         tokens, key_mask = self._prototype_tokens(feature, batch["slide"])
         fused = self.global_attn(tokens, key_mask)
         head3 = self.head3(fused)
@@ -682,6 +752,6 @@ class MMAP(nn.Module):
 
 
 def _restore_phase(module: nn.Module, incompatible_keys: Sequence[Any]) -> None:
-    """After ``load_state_dict``, re-apply the loaded phase (its ``requires_grad`` pattern and inputs)."""
+    """After ``load_state_dict``, re-apply the loaded phase (its ``requires_grad`` pattern)."""
     if isinstance(module, MMAP):
         module.set_phase(int(module.current_phase))

@@ -137,7 +137,7 @@ def select_genes(
 ) -> None:
     """Choose the genes to predict and create the ``stpred`` table.
 
-    Only genes present in every section of the data are candidates (``var["present_{{section}}"]``, written by
+    Only genes present in every section of the data are candidates (``var["present_<section>"]``, written by
     :func:`stpred.io.concat`, where it exists; otherwise every column of the table counts as present), so that the
     test sections have a measured value for every selected gene.
 
@@ -168,8 +168,11 @@ def select_genes(
 
     Examples
     --------
-    >>> sdata = stpred.datasets.synthetic(n_sections=2, n_genes=8)
+    >>> import stpred
+    >>> sdata = stpred.datasets.synthetic(n_sections=2, n_genes=8, grid=6, pitch=32)
     >>> stpred.pp.select_genes(sdata, n_top=4, sections=["S0"])
+    >>> sdata.tables["stpred"].shape
+    (61, 4)
     """
     from anndata import AnnData
     from spatialdata.models import TableModel

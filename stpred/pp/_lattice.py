@@ -26,6 +26,8 @@ DEFAULT_UNIT_UM = {"legacy_st": 100.0, "visium": 55.0}
 _OFF = np.int64(2**30)
 _STRIDE = np.int64(2**31)
 _MAX_EXTENT = 2**28
+#: Largest candidate matrix (spots x cells) searched at once.
+_CHUNK = 2**21
 
 
 def _keys(cells: np.ndarray) -> np.ndarray:
@@ -111,6 +113,13 @@ def lattice_indices(xy_um: np.ndarray, unit_um: float) -> np.ndarray:
         raise ValueError(msg)
 
     n = pos.shape[0]
+    span = np.ceil(pos.max(axis=0) - 0.5).astype(np.int64) + 3  # the cells they span plus a border of one
+    if n > int(span[0]) * int(span[1]):
+        msg = (
+            f"{n} spots do not fit on the {span[0]} x {span[1]} lattice cells around them with `unit_um={unit_um}`; "
+            "choose a smaller `unit_um` (at most the centre-to-centre spot distance)."
+        )
+        raise ValueError(msg)
     index = np.arange(n)
     base = np.ceil(pos - 0.5).astype(np.int64)  # nearest cell, halves round down
     keys = _keys(base)
@@ -132,19 +141,22 @@ def lattice_indices(xy_um: np.ndarray, unit_um: float) -> np.ndarray:
         n_rounds += 1
         claims_spot, claims_cell, claims_d2 = [], [], []
         for r in np.unique(radius[todo]):
-            spots = todo[radius[todo] == r]
+            group = todo[radius[todo] == r]
             off = _offsets(int(r))
-            cand = base[spots, None, :] + off[None]  # (m, K, 2)
-            cd2 = ((cand - pos[spots, None, :]) ** 2).sum(axis=-1)
-            cd2[_is_taken(_keys(cand), taken)] = np.inf
-            best = cd2.argmin(axis=1)
-            bd2 = cd2[np.arange(spots.size), best]
-            # any cell outside the square lies at least r + 0.5 away from p: only then is `best` the nearest free
-            sure = bd2 < (r + 0.5) ** 2
-            radius[spots[~sure]] *= 2
-            claims_spot.append(spots[sure])
-            claims_cell.append(cand[np.arange(spots.size), best][sure])
-            claims_d2.append(bd2[sure])
+            step = max(1, _CHUNK // off.shape[0])
+            for start in range(0, group.size, step):  # chunks bound the (m, K) candidate matrix, not one per spot
+                spots = group[start : start + step]
+                cand = base[spots, None, :] + off[None]  # (m, K, 2)
+                cd2 = ((cand - pos[spots, None, :]) ** 2).sum(axis=-1)
+                cd2[_is_taken(_keys(cand), taken)] = np.inf
+                best = cd2.argmin(axis=1)
+                bd2 = cd2[np.arange(spots.size), best]
+                # any cell outside the square lies at least r + 0.5 away from p: only then is `best` the nearest
+                sure = bd2 < (r + 0.5) ** 2
+                radius[spots[~sure]] *= 2
+                claims_spot.append(spots[sure])
+                claims_cell.append(cand[np.arange(spots.size), best][sure])
+                claims_d2.append(bd2[sure])
         spots = np.concatenate(claims_spot)
         if spots.size:
             cells = np.concatenate(claims_cell)
@@ -211,7 +223,9 @@ def lattice(
         msg = f"Expected `key_added` to be a non-empty string, found {key_added!r}."
         raise TypeError(msg)
     if SPATIAL_KEY not in table.obsm:
-        msg = f"Table {table_key!r} has no `obsm[{SPATIAL_KEY!r}]` (spot centres in pixels); found {sorted(table.obsm)}."
+        msg = (
+            f"Table {table_key!r} has no `obsm[{SPATIAL_KEY!r}]` (spot centres in pixels); found {sorted(table.obsm)}."
+        )
         raise KeyError(msg)
     if SECTION_KEY not in table.obs:
         msg = f"Table {table_key!r} has no `obs[{SECTION_KEY!r}]` column; found {list(table.obs.columns)}."

@@ -122,7 +122,14 @@ def spatial_graph(table: AnnData, *, mask: np.ndarray | None = None, n_neighs: i
         obs=pd.DataFrame({SECTION_KEY: pd.Categorical(sections)}, index=np.arange(mask.sum()).astype(str)),
         obsm={SPATIAL_KEY: np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)[mask]},
     )
-    sq.gr.spatial_neighbors_knn(tmp, library_key=SECTION_KEY, n_neighs=int(n_neighs))
+    # squidpy logs every graph it builds through spatialdata's INFO-level logger: keep that quiet here
+    sd_logger = logging.getLogger("spatialdata._logging")
+    level = sd_logger.level
+    sd_logger.setLevel(max(level, logging.WARNING))
+    try:
+        sq.gr.spatial_neighbors_knn(tmp, library_key=SECTION_KEY, n_neighs=int(n_neighs))
+    finally:
+        sd_logger.setLevel(level)
     return tmp.obsp["spatial_connectivities"].tocsr()
 
 

@@ -230,7 +230,9 @@ def load(path: str | os.PathLike) -> Predictor:
         raise FileNotFoundError(msg)
     meta = json.loads((path / _META).read_text())
     cls = get_model(meta["model"])
-    model = cls(**meta["sizes"], **meta["model_kwargs"])
+    # weight files named at training time are not needed (their tensors are in weights.pt) and may not exist here
+    kwargs = {k: (None if k.endswith("weights") and isinstance(v, str) else v) for k, v in meta["model_kwargs"].items()}
+    model = cls(**meta["sizes"], **kwargs)
     state = torch.load(path / _WEIGHTS, map_location="cpu", weights_only=True)
     restore = getattr(model, "prepare_state_dict", None)
     if restore is not None:

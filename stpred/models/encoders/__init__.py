@@ -1,0 +1,28 @@
+"""Plain-torch image encoders with torchvision/timm-compatible state-dict names, and LoRA adapters."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..._lazy import attach
+
+_NAMES = {
+    "BasicBlock": "resnet",
+    "ResNet": "resnet",
+    "resnet10": "resnet",
+    "resnet18": "resnet",
+    "resnet34": "resnet",
+    "load_weights": "_weights",
+    "VisionTransformer": "vit",
+    "vit_large_patch16_224": "vit",
+    "vit_small": "vit",
+    "vit_tiny": "vit",
+    "LoRALinear": "lora",
+}
+__getattr__, __dir__, __all__ = attach(__name__, _NAMES)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._weights import load_weights
+    from .lora import LoRALinear
+    from .resnet import BasicBlock, ResNet, resnet10, resnet18, resnet34
+    from .vit import VisionTransformer, vit_large_patch16_224, vit_small, vit_tiny

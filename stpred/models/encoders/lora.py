@@ -180,6 +180,7 @@ class MultiLoRALinear(_AdapterBase):
         return self._merged(self.delta_weight(index))
 
     def extra_repr(self) -> str:
+        """Base layer sizes, rank, alpha and number of adapters."""
         return f"{super().extra_repr()}, n_adapters={self.n_adapters}"
 
 

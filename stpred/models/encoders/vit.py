@@ -35,9 +35,13 @@ __all__ = [
     "create_vit",
     "from_checkpoint",
     "resample_pos_embed",
+    "vit_base",
     "vit_base_patch16_224",
+    "vit_large",
     "vit_large_patch16_224",
+    "vit_small",
     "vit_small_patch16_224",
+    "vit_tiny",
     "vit_tiny_patch16_224",
 ]
 
@@ -104,7 +108,9 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))``, then ``x + ls2(mlp(norm2(x)))``."""
 
-    def __init__(self, dim: int, *, num_heads: int, mlp_ratio: float, qkv_bias: bool, init_values: float | None) -> None:
+    def __init__(
+        self, dim: int, *, num_heads: int, mlp_ratio: float, qkv_bias: bool, init_values: float | None
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias)
@@ -293,6 +299,12 @@ def vit_large_patch16_224(**kwargs: Any) -> VisionTransformer:
     return VisionTransformer(**{"patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16, **kwargs})
 
 
+#: Short aliases of the constructors above.
+vit_tiny = vit_tiny_patch16_224
+vit_small = vit_small_patch16_224
+vit_base = vit_base_patch16_224
+vit_large = vit_large_patch16_224
+
 #: Architecture name → constructor; ``vit_tiny``/``vit_small``/``vit_base``/``vit_large`` are short aliases.
 VIT_ARCHS: dict[str, Callable[..., VisionTransformer]] = {
     "vit_tiny_patch16_224": vit_tiny_patch16_224,
@@ -341,7 +353,9 @@ def _timm_translate(model: VisionTransformer) -> Callable[[dict], dict]:
     return translate
 
 
-def from_checkpoint(path: str | os.PathLike, *, arch: str = "vit_large_patch16_224", **kwargs: Any) -> VisionTransformer:
+def from_checkpoint(
+    path: str | os.PathLike, *, arch: str = "vit_large_patch16_224", **kwargs: Any
+) -> VisionTransformer:
     """Build a ViT and load a local timm-named checkpoint into it, strictly.
 
     Parameters
