@@ -80,14 +80,16 @@ def _dense_reference(q, k, v, c, bias, w):
 def test_window_attention_equals_masked_softmax_over_neighbours():
     torch.manual_seed(0)
     c = _irregular(160, extent=28)
-    q, k, v = (torch.randn(len(c), 2, 8, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(len(c), 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     bias = torch.randn(2, 121, dtype=torch.float64, requires_grad=True)
     got = window_attention(q, k, v, level_tables(c, 3), bias)
     ref = _dense_reference(q, k, v, c, bias, 3)
     torch.testing.assert_close(got, ref)
-    (g1,) = torch.autograd.grad(got.square().sum(), bias)
-    (g2,) = torch.autograd.grad(ref.square().sum(), bias)
-    torch.testing.assert_close(g1, g2)
+    for g1, g2 in zip(
+        torch.autograd.grad(got.square().sum(), (q, k, v, bias)),
+        torch.autograd.grad(ref.square().sum(), (q, k, v, bias)),
+    ):
+        torch.testing.assert_close(g1, g2)
 
 
 def test_masked_padding_does_not_change_outputs():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -360,20 +359,13 @@ def test_spot_centres_outside_the_image(tiny: SpatialData) -> None:
 # real data
 
 
-def _her2st_root() -> Path:
-    env = os.environ.get("STPRED_HER2ST")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data" / "her2st"
-
-
 @pytest.mark.her2st
-def test_her2st_crops_equal_pil_decoded_jpeg(tmp_path: Path) -> None:
+def test_her2st_crops_equal_pil_decoded_jpeg(her2st_path: Path) -> None:
     from PIL import Image
 
     import stpred.io
 
-    root = _her2st_root()
-    if not (root / "ST-cnts").is_dir():
-        pytest.skip(f"real HER2 data not found at {root}; set STPRED_HER2ST")
+    root = her2st_path
     if not hasattr(stpred.io, "read_legacy_st"):
         pytest.skip("stpred.io.read_legacy_st is not available yet")
     jpg = root / "ST-imgs" / "C" / "C2" / "5714_HE_BT_C2.jpg"

@@ -36,6 +36,7 @@ __all__ = [
     "neighbour_table",
     "pack_children",
     "window_attention",
+    "window_attention_packed",
 ]
 
 _NEG = -1e9
@@ -52,7 +53,8 @@ class WindowTable:
     slot
         ``(n,)`` long: flat position ``window * K + rank`` of each token in ``members``.
     rel
-        ``(W, K, K)`` long: index of the offset key − query into a ``(4w - 1)^2`` relative-position table.
+        ``(W, K, K)`` long: index of the offset key − query into a ``(4w - 1)^2`` relative-position table; masked
+        pairs hold ``(4w - 1)^2`` (one past the table).
     pair
         ``(W, K, K)`` bool: whether query slot ``i`` attends to key slot ``j`` of the window.
     """
@@ -158,7 +160,7 @@ def build_window_table(
     if exclude is not None:
         lab = torch.cat([exclude, exclude.new_full((1,), -1)])[members]
         pair &= lab[:, :, None] != lab[:, None, :]
-    rel = rel.masked_fill(~pair, 0)
+    rel = rel.masked_fill(~pair, (2 * side - 1) ** 2)  # masked pairs index one extra (-1e9) bias column
     return WindowTable(members=members, slot=slot, rel=rel, pair=pair)
 
 
@@ -265,32 +267,52 @@ def neighbour_table(coords: Tensor, window: int) -> tuple[Tensor, Tensor]:
 
 
 def _window_part(
-    q: Tensor, k: Tensor, v: Tensor, table: WindowTable, bias: Tensor, scale: float, drop: float, training: bool
+    qkv: Tensor, table: WindowTable, bias: Tensor, scale: float, drop: float, training: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Unnormalised attention inside the windows of one partition, returned per token: ``(m, l, o)``."""
-    n, h, dh = q.shape
-    pad = q.new_zeros(1, h, dh)
-    members = table.members
-    qw = torch.cat([q, pad])[members].transpose(1, 2)  # (W, H, K, d)
-    kw = torch.cat([k, pad])[members].transpose(1, 2)
-    vw = torch.cat([v, pad])[members].transpose(1, 2)
-    # scores and softmax statistics in (at least) float32, also under autocast (-1e9 does not fit fp16)
-    acc = torch.promote_types(q.dtype, torch.float32)
-    s = torch.matmul(qw, kw.transpose(-1, -2)).to(acc) * scale  # (W, H, K, K)
-    s = s + bias[:, table.rel].transpose(0, 1).to(acc)
-    pair = table.pair[:, None]
-    s = s.masked_fill(~pair, _NEG)
-    m = s.amax(dim=-1, keepdim=True).detach()
-    p = torch.exp(s - m) * pair  # rows without any key give l = 0
+    """Unnormalised attention inside the windows of one partition, returned per token: ``(m, l, o)``.
+
+    ``qkv`` is ``(3, H, n + 1, d)`` with a zero last token for empty slots; ``bias`` is ``(H, R + 1)`` whose last
+    column (``-1e9``) is what masked pairs index (``table.rel``), so masking costs no extra pass.
+    """
+    nw, kk = table.members.shape
+    g = qkv[:, :, table.members]  # (3, H, W, K, d): every token's q, k, v stored once per window slot
+    q, k, v = g.unbind(0)
+    # scores and softmax statistics in (at least) float32, also under autocast
+    acc = torch.promote_types(qkv.dtype, torch.float32)
+    s = torch.matmul(q, k.transpose(-1, -2)).to(acc)  # (H, W, K, K)
+    s.mul_(scale).add_(bias[:, table.rel].to(acc))
+    with torch.no_grad():
+        m = s.amax(dim=-1, keepdim=True)
+    # rows with no valid key (shifted part only) get m ~ -1e9 and drop out of the merge in `window_attention`
+    p = s.sub_(m).exp_()
     lsum = p.sum(dim=-1)
     if drop > 0 and training:
         p = F.dropout(p, drop, training=True)
-    o = torch.matmul(p.to(vw.dtype), vw).to(acc)  # (W, H, K, d)
-    nw, _, kk, _ = o.shape
-    o = o.transpose(1, 2).reshape(nw * kk, h, dh)[table.slot]
-    m = m.squeeze(-1).transpose(1, 2).reshape(nw * kk, h)[table.slot]
-    lsum = lsum.transpose(1, 2).reshape(nw * kk, h)[table.slot]
+    o = torch.matmul(p.to(v.dtype), v)  # (H, W, K, d)
+    h, dh = o.shape[0], o.shape[-1]
+    o = o.reshape(h, nw * kk, dh)[:, table.slot]  # (H, n, d)
+    m = m.reshape(h, nw * kk)[:, table.slot]
+    lsum = lsum.reshape(h, nw * kk)[:, table.slot]
     return m, lsum, o
+
+
+def window_attention_packed(
+    qkv: Tensor, level: LevelTables, bias: Tensor, *, drop: float = 0.0, training: bool = False
+) -> Tensor:
+    """:func:`window_attention` on packed ``(n, 3, H, d)`` queries, keys and values; returns ``(n, H * d)``."""
+    n, _, h, dh = qkv.shape
+    scale = dh**-0.5
+    # one relayout for both partitions: (3, H, n + 1, d) with a zero token for the empty window slots
+    qkv = F.pad(qkv.permute(1, 2, 0, 3), (0, 0, 0, 1))
+    bias = torch.cat([bias, bias.new_full((bias.shape[0], 1), _NEG)], dim=1)
+    m1, l1, o1 = _window_part(qkv, level.regular, bias, scale, drop, training)
+    m2, l2, o2 = _window_part(qkv, level.shifted, bias, scale, drop, training)
+    mx = torch.maximum(m1, m2)  # m1 is finite: a token always attends to itself through its regular window
+    a1, a2 = torch.exp(m1 - mx), torch.exp(m2 - mx)  # a2 = 0 where the shifted part is empty
+    w1 = (a1 / (a1 * l1 + a2 * l2)).unsqueeze(-1)
+    w2 = (a2 / (a1 * l1 + a2 * l2)).unsqueeze(-1)
+    out = (w1 * o1 + w2 * o2).to(qkv.dtype)  # (H, n, d)
+    return out.permute(1, 0, 2).reshape(n, h * dh)
 
 
 def window_attention(
@@ -322,10 +344,5 @@ def window_attention(
     -------
     ``(n, H, d)`` attention outputs.
     """
-    scale = q.shape[-1] ** -0.5
-    m1, l1, o1 = _window_part(q, k, v, level.regular, bias, scale, drop, training)
-    m2, l2, o2 = _window_part(q, k, v, level.shifted, bias, scale, drop, training)
-    mx = torch.maximum(m1, m2)
-    a1, a2 = torch.exp(m1 - mx), torch.exp(m2 - mx)  # a2 = 0 where the shifted part is empty
-    den = (a1 * l1 + a2 * l2).unsqueeze(-1)
-    return ((a1.unsqueeze(-1) * o1 + a2.unsqueeze(-1) * o2) / den).to(q.dtype)
+    out = window_attention_packed(torch.stack([q, k, v], dim=1), level, bias, drop=drop, training=training)
+    return out.view(q.shape)

@@ -29,7 +29,7 @@ from ._lattice_ops import (
     build_plan,
     gather_children,
     pack_children,
-    window_attention,
+    window_attention_packed,
 )
 from ._registry import register_model
 
@@ -197,33 +197,51 @@ class RefinementLayer(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.ffn = nn.Sequential(nn.Linear(width, ff_ratio * width), nn.ReLU(), nn.Linear(ff_ratio * width, width))
 
-    def _split(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        n = t.shape[0]
-        q, k, v = t.view(n, 3, self.heads, -1).unbind(1)
-        return q, k, v
+    def _global(self, qkv_x: Tensor, qkv_z: Tensor, drop: float) -> tuple[Tensor, Tensor]:
+        """Spots ↔ calibration tokens, per head, as block-diagonal matmuls (no copies of the spot tensors).
+
+        ``qkv_x`` ``(n, 3, H, d)``, ``qkv_z`` ``(T, 3, H, d)`` → ``(n, C)`` for the spots (softmax over the ``T``
+        tokens) and ``(T, C)`` for the tokens (softmax over all spots and tokens).
+        """
+        n, _, h, d = qkv_x.shape
+        t = qkv_z.shape[0]
+        scale = d**-0.5
+        qx, kx, vx = (qkv_x[:, i].flatten(1) for i in range(3))  # (n, C) strided views
+        qz, kz, vz = qkv_z.unbind(1)  # (T, H, d)
+        eye = torch.eye(h, dtype=qz.dtype, device=qz.device)
+        k_blocks = torch.einsum("thi,hg->higt", kz, eye).reshape(h * d, h * t)  # block-diagonal
+        v_blocks = torch.einsum("thi,hg->htgi", vz, eye).reshape(h * t, h * d)
+        q_blocks = torch.einsum("thi,hg->htgi", qz, eye).reshape(h * t, h * d)
+        # spots read the tokens
+        a = torch.softmax((qx @ k_blocks).float().view(n, h, t) * scale, dim=-1)
+        a = F.dropout(a, drop, training=drop > 0).to(vx.dtype)
+        glob_x = a.view(n, h * t) @ v_blocks  # (n, C)
+        # tokens read every spot and each other
+        s_zx = (q_blocks @ kx.T).float()  # (H T, n)
+        s_zz = torch.einsum("thd,shd->hts", qz, kz).float().reshape(h * t, t)
+        b = torch.softmax(torch.cat([s_zx, s_zz], dim=1) * scale, dim=-1)
+        b = F.dropout(b, drop, training=drop > 0).to(vx.dtype)
+        from_x = (b[:, :n] @ vx).view(h, t, h, d).diagonal(dim1=0, dim2=2).permute(0, 2, 1)  # (T, H, d)
+        from_z = torch.einsum("hts,shd->thd", b[:, n:].reshape(h, t, t), vz)
+        return glob_x, (from_x + from_z).reshape(t, h * d)
 
     def forward(self, x: Tensor, z: Tensor, level: LevelTables) -> tuple[Tensor, Tensor]:
         """Refine spot tokens ``x`` ``(n, C)`` and calibration tokens ``z`` ``(T, C)`` on one level."""
-        n, c = x.shape
+        n = x.shape[0]
         drop = self.attn_drop if self.training else 0.0
         hx, hz = self.norm1(x), self.norm1(z)
         # (a) local: union of the regular and the shifted window, with relative-position bias
-        ql, kl, vl = self._split(self.qkv_local(hx))
-        local = window_attention(ql, kl, vl, level, self.rpb, drop=drop, training=self.training)
+        qkv = self.qkv_local(hx).view(n, 3, self.heads, -1)
+        local = window_attention_packed(qkv, level, self.rpb, drop=drop, training=self.training)
         # (b) global: spots read the calibration tokens; the tokens read every spot and each other
-        qx, kx, vx = self._split(self.qkv_global(hx))
-        qz, kz, vz = self._split(self.qkv_global(hz))
-        scale = qx.shape[-1] ** -0.5
-        a = torch.softmax(torch.einsum("nhd,thd->hnt", qx, kz).float() * scale, dim=-1)
-        a = F.dropout(a, drop, training=self.training).to(vz.dtype)
-        glob_x = torch.einsum("hnt,thd->nhd", a, vz)
-        keys, vals = torch.cat([kx, kz]), torch.cat([vx, vz])
-        b = torch.softmax(torch.einsum("thd,mhd->htm", qz, keys).float() * scale, dim=-1)
-        b = F.dropout(b, drop, training=self.training).to(vals.dtype)
-        glob_z = torch.einsum("htm,mhd->thd", b, vals)
+        glob_x, glob_z = self._global(
+            self.qkv_global(hx).view(n, 3, self.heads, -1),
+            self.qkv_global(hz).view(z.shape[0], 3, self.heads, -1),
+            drop,
+        )
         # the two paths are summed before one output projection
-        x = x + self.proj((local + glob_x).reshape(n, c))
-        z = z + self.proj(glob_z.reshape(z.shape[0], c))
+        x = x + self.proj(local + glob_x)
+        z = z + self.proj(glob_z)
         x = x + self.ffn(self.norm2(x))
         z = z + self.ffn(self.norm2(z))
         return x, z

@@ -56,7 +56,7 @@ def history_data(predictor_or_df: Any, *, keys: Sequence[str] | None = None) -> 
         if "epoch" not in frame.columns:
             frame["epoch"] = np.arange(len(frame))
     if keys is None:
-        keys = [k for k in ("train_loss", "val_loss") if k in frame.columns]
+        keys = [k for k in ("train_loss", "val_loss", "train_mse", "val_mse") if k in frame.columns]
         if not keys:
             keys = [c for c in frame.columns if "loss" in str(c)]
     else:
@@ -103,7 +103,7 @@ def history(
     predictor_or_df: Any,
     *,
     keys: Sequence[str] | None = None,
-    monitor: str = "val_loss",
+    monitor: str = "val_mse",
     logy: bool = False,
     ax: Axes | None = None,
     show: bool | None = None,
@@ -122,9 +122,10 @@ def history(
         per fold), a list of per-fold histories, or a DataFrame with one row per epoch (an ``epoch`` column or
         index) and columns such as ``train_loss`` and ``val_loss``.
     keys
-        Columns to plot (default ``train_loss`` and ``val_loss``).
+        Columns to plot (default ``train_loss``, ``val_loss``, ``train_mse`` and ``val_mse`` where present).
     monitor
-        Column whose minimum marks the best epoch.
+        Column whose minimum marks the best epoch (``val_mse``: what :func:`stpred.tl.fit` selects on; falls back
+        to ``val_loss`` when absent).
     logy
         Logarithmic y axis.
     ax
@@ -161,6 +162,8 @@ def history(
                     label=None if labelled else key,
                 )
                 labelled = True
+    if monitor not in frame.columns and "val_loss" in frame.columns:
+        monitor = "val_loss"
     best = best_epochs(frame, monitor=monitor)
     for k, row in best.iterrows():
         ax.axvline(row["step"], color="grey", ls="--", lw=0.8, zorder=0)

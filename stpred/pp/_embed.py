@@ -108,10 +108,13 @@ class _Encoder:
 def _check_int(value: Any, *, name: str, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
-        kind = "a positive int or None" if allow_none else "a positive int"
+    kind = "a positive int or None" if allow_none else "a positive int"
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
         msg = f"Expected `{name}` to be {kind}, found {value!r}."
-        raise (ValueError if isinstance(value, int | np.integer) and not isinstance(value, bool) else TypeError)(msg)
+        raise TypeError(msg)
+    if value <= 0:
+        msg = f"Expected `{name}` to be {kind}, found {value!r}."
+        raise ValueError(msg)
 
 
 def _resolve_name(encoder: Any, *, weights: Any, encoder_kwargs: dict[str, Any]) -> tuple[str, _Spec | None]:
@@ -326,7 +329,7 @@ def _run(
     cuda = device.type == "cuda"
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
     precision = "fp32" if amp_dtype is None else str(amp_dtype).removeprefix("torch.")
-    channels_last = enc.family == "resnet" or (enc.family == "user" and device.type == "cuda")
+    channels_last = enc.family == "resnet"  # a user module may `view` its input: keep it contiguous
     module = enc.module.to(device).eval()
     if enc.family == "resnet":
         module = module.to(memory_format=torch.channels_last)
@@ -374,7 +377,8 @@ def _run(
                 flush()
             pbar.update(len(chunk))
         flush()
-    assert out is not None  # n > 0 is checked by the caller  # noqa: S101
+    if out is None:  # no crops
+        out = np.empty((0, 0), dtype=np.float32)
     return out, precision
 
 
@@ -536,8 +540,6 @@ def embed(
             "`overwrite=True` to replace it or `key_added=` to store the embedding under another name."
         )
         raise ValueError(msg)
-    if spec is None and name == "uni":
-        pass
     if name == "uni" and weights_ref is None:
         warnings.warn(
             "encoder='uni' without `weights=` is a randomly initialised ViT-L/16, not UNI; pass the UNI checkpoint "
@@ -550,19 +552,13 @@ def embed(
     kwargs = {**spec.defaults, **encoder_kwargs} if spec is not None else {}
     geometry = {"size": int(bank.size), "mpp": bank.mpp, "sections": sorted(set(bank.sections.tolist()))}
     path = _hub_download(weights_ref) if isinstance(weights_ref, str) else weights_ref
-    enc: _Encoder | None = None
+    module: nn.Module | None = None
     if spec is not None and path is not None:
-        sha = _sha256_file(path)
+        sha = _sha256_file(path)  # the model is built only if the cache misses
         input_size = (_vit_img_size(kwargs),) * 2 if spec.family == "vit" else None
     else:
-        if spec is not None:
-            module = _build(name, spec, None, kwargs, seed=int(seed))
-        else:
-            module = encoder  # type: ignore[assignment]
-        enc = _Encoder(module, name, spec.family if spec else "user", _sha256_state(module), None, None)
-        enc.seed = int(seed) if spec is not None else None
-        enc.input_size = _input_size(module)
-        sha, input_size = enc.weights_sha256, enc.input_size
+        module = _build(name, spec, None, kwargs, seed=int(seed)) if spec is not None else encoder
+        sha, input_size = _sha256_state(module), _input_size(module)
     fields = {
         "encoder": name,
         "weights_sha256": sha,
@@ -584,9 +580,12 @@ def embed(
         raise ValueError(msg)
 
     # ---- build (when not yet) and run
-    if enc is None:
+    if module is None:
         module = _build(name, spec, path, kwargs, seed=int(seed))  # type: ignore[arg-type]
-        enc = _Encoder(module, name, spec.family, sha, None, input_size)  # type: ignore[union-attr]
+    random_init = spec is not None and path is None
+    enc = _Encoder(
+        module, name, spec.family if spec is not None else "user", sha, int(seed) if random_init else None, input_size
+    )
     restore = None
     if enc.family == "user":
         first = next(iter(enc.module.parameters()), None)

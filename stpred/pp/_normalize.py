@@ -58,6 +58,15 @@ def normalize(
     -------
     Nothing; writes ``layers["target"]`` (``float32``, same shape as ``X``) and ``uns["stpred"]["normalize"] =
     {{"method": method}}`` of the table, and a provenance entry.
+
+    Examples
+    --------
+    >>> import stpred
+    >>> sdata = stpred.datasets.synthetic(n_sections=2, n_genes=8, grid=6, pitch=32)
+    >>> stpred.pp.select_genes(sdata, n_top=4)
+    >>> stpred.pp.normalize(sdata, method="log_share")
+    >>> sdata.tables["stpred"].layers["target"].dtype
+    dtype('float32')
     """
     table = get_table(sdata, table_key, made_by="pp.select_genes")
     check_one_of(method, _METHODS, name="method")

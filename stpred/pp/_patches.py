@@ -645,6 +645,17 @@ def extract_patches(
     The :class:`~stpred.pp.PatchBank`, rows in the order of the table's rows (of the chosen sections). It is also
     registered for ``sdata`` (see :func:`stpred.pp._patches.get_patch_bank`), and the geometry is recorded in
     ``uns["stpred"]["patches"]`` of the table, with a provenance entry.
+
+    Examples
+    --------
+    >>> import stpred
+    >>> sdata = stpred.datasets.synthetic(n_sections=2, n_genes=8, grid=6, pitch=32)
+    >>> stpred.pp.select_genes(sdata, n_top=4)
+    >>> bank = stpred.pp.extract_patches(sdata, size=16, context_size=32, progress=False)
+    >>> bank.spot.shape, bank.context.shape
+    ((61, 3, 16, 16), (61, 3, 32, 32))
+    >>> stpred.pp.extract_patches(sdata, size=16, context_size=32, mpp=2.0, progress=False).level_mpp
+    {{'S0': 2.0, 'S1': 2.0}}
     """
     from tqdm.auto import tqdm
 

@@ -101,6 +101,10 @@ def train_model(
 ) -> tuple[pd.DataFrame, Path | None, int]:
     """Train ``model`` in place and restore the weights of its best validation epoch.
 
+    The best epoch is the one with the lowest validation MSE of the final prediction (``val_mse``): the
+    quantity that is evaluated. A model's full loss (``val_loss``, also logged) may add auxiliary terms, such as
+    HiFusion's per-level heads and alignment, whose scale says little about the prediction.
+
     Returns
     -------
     history
@@ -124,7 +128,7 @@ def train_model(
         checkpoint = ModelCheckpoint(
             dirpath=str(checkpoint_dir),
             filename=f"phase{phase}-best",
-            monitor="val_loss",
+            monitor="val_mse",
             mode="min",
             save_top_k=1,
             save_weights_only=True,
@@ -132,7 +136,7 @@ def train_model(
         )
         callbacks.append(checkpoint)
         if early_stopping_patience is not None:
-            callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=early_stopping_patience))
+            callbacks.append(EarlyStopping(monitor="val_mse", mode="min", patience=early_stopping_patience))
     trainer = make_trainer(
         max_epochs=max_epochs,
         accelerator=accelerator,
@@ -156,8 +160,8 @@ def train_model(
         best_path = Path(checkpoint.best_model_path)
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
-        if "val_loss" in frame:
-            best_epoch = int(frame.loc[frame["val_loss"].idxmin(), "epoch"])
+        if "val_mse" in frame:
+            best_epoch = int(frame.loc[frame["val_mse"].idxmin(), "epoch"])
     model.to("cpu", memory_format=torch.contiguous_format)
     store.to("cpu")
     model.eval()
