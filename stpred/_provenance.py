@@ -29,10 +29,25 @@ def plain(value: Any) -> Any:
         # anndata cannot write None into uns: a missing key reads back as None through ``.get``.
         return {str(k): plain(v) for k, v in value.items() if v is not None}
     if isinstance(value, list | tuple | set | np.ndarray):
-        return [plain(v) for v in (sorted(value) if isinstance(value, set) else value)]
+        items = [plain(v) for v in (sorted(value) if isinstance(value, set) else value)]
+        kinds = {_kind(v) for v in items}
+        if len(kinds) <= 1 and kinds <= {"str", "num", "bool"}:
+            return items
+        # anndata writes only homogeneous lists of scalars: anything else becomes a dict keyed by position
+        return {str(i): ("None" if v is None else v) for i, v in enumerate(items)}
     if hasattr(value, "__fspath__"):
         return str(value)
     return repr(value)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "num"
+    if isinstance(value, str):
+        return "str"
+    return "other"
 
 
 def versions() -> dict[str, str]:

@@ -270,3 +270,30 @@ def test_evaluate_matches_metrics(prepared):
     assert pooled == pytest.approx(float(np.mean((table.layers["noisy"] - table.layers["target"]) ** 2)), rel=1e-5)
     with pytest.raises(KeyError, match="Run `stpred.tl.predict"):
         stpred.tl.evaluate(prepared, "stpred_nothing")
+
+
+def test_provenance_survives_zarr_round_trip(prepared, tmp_path):
+    import spatialdata as sd
+
+    stpred.tl.fit(prepared, "toy_cnn", **FIT)
+    stpred.tl.predict(prepared, "toy_cnn", progress=False)
+    stpred.tl.cross_validate(prepared, "toy_cnn", protocol="slide-wise", n_folds=3, **FIT)
+    prepared.write(tmp_path / "x.zarr")
+    back = sd.read_zarr(tmp_path / "x.zarr")
+    table = back.tables["stpred"]
+    np.testing.assert_array_equal(table.layers["stpred_toy_cnn"], prepared.tables["stpred"].layers["stpred_toy_cnn"])
+    uns = table.uns["stpred"]
+    assert list(uns["predictions"]["stpred_toy_cnn"]["genes"]) == list(table.var_names)
+    assert uns["models"]["toy_cnn"]["checkpoint"]
+    assert uns["cross_validation"]["stpred_toy_cnn_cv"]["protocol"]["name"] == "slide-wise"
+    assert any(k.endswith("tl.predict") for k in uns["history"])
+    # a predictor fitted earlier is found again through the recorded checkpoint after the round trip
+    stpred.tl.predict(back, "toy_cnn", key_added="again", progress=False)
+    np.testing.assert_allclose(table.layers["again"], table.layers["stpred_toy_cnn"], rtol=1e-5, atol=1e-6)
+
+
+def test_plain_makes_uns_writable():
+    from stpred._provenance import plain
+
+    out = plain({"a": [{"x": 1}, {"y": None}], "b": (1, 2.5), "c": None, "d": [1, "s"], "e": np.int64(3)})
+    assert out == {"a": {"0": {"x": 1}, "1": {}}, "b": [1, 2.5], "d": {"0": 1, "1": "s"}, "e": 3}

@@ -12,12 +12,13 @@ _NAMES = {
     "extract_patches": "_patches",
     "PatchBank": "_patches",
     "embed": "_embed",
+    "list_encoders": "_embed",
     "lattice": "_lattice",
 }
 __getattr__, __dir__, __all__ = attach(__name__, _NAMES)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._embed import embed
+    from ._embed import embed, list_encoders
     from ._genes import select_genes
     from ._lattice import lattice
     from ._normalize import normalize

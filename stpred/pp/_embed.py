@@ -495,6 +495,11 @@ def embed(
         an existing ``obsm[key_added]`` made with another recipe and ``overwrite=False``.
     FileNotFoundError
         ``weights`` names a file that does not exist.
+    TypeError
+        An argument of the wrong type, encoder options the encoder does not take, or a module that does not return
+        a tensor.
+    ImportError
+        ``weights="hf-hub:..."`` without the optional package ``huggingface_hub``.
 
     Examples
     --------
@@ -569,8 +574,7 @@ def embed(
     }
     cache_key = _cache_key(fields)
     if key in table.obsm and previous is not None and not overwrite:
-        shape_ok = np.shape(table.obsm[key])[0] == table.n_obs
-        if previous.get("cache_key") == cache_key and shape_ok:
+        if previous.get("cache_key") == cache_key:
             logger.info("Reusing obsm[%r]: made with the same encoder, weights, patches and normalisation.", key)
             return
         msg = (
