@@ -189,6 +189,22 @@ def test_permutation_equivariance_and_translation_invariance():
     torch.testing.assert_close(moved, ref)
 
 
+def test_global_path_equals_plain_attention():
+    torch.manual_seed(0)
+    layer = HiST(16, 4, width=24, heads=3).encoder[0].layers[0].double()
+    n, t, h, d = 50, 3, 3, 8
+    qkv_x = torch.randn(n, 3, h, d, dtype=torch.float64)
+    qkv_z = torch.randn(t, 3, h, d, dtype=torch.float64)
+    glob_x, glob_z = layer._global(qkv_x, qkv_z, 0.0)
+    qx, kx, vx = qkv_x.unbind(1)
+    qz, kz, vz = qkv_z.unbind(1)
+    ref_x = torch.einsum("nht,thd->nhd", torch.softmax(torch.einsum("nhd,thd->nht", qx, kz) / d**0.5, -1), vz)
+    keys, vals = torch.cat([kx, kz]), torch.cat([vx, vz])
+    ref_z = torch.einsum("thm,mhd->thd", torch.softmax(torch.einsum("thd,mhd->thm", qz, keys) / d**0.5, -1), vals)
+    torch.testing.assert_close(glob_x, ref_x.reshape(n, h * d))
+    torch.testing.assert_close(glob_z, ref_z.reshape(t, h * d))
+
+
 def test_calibration_path_with_two_spots():
     model = HiST(16, 4, **TINY).eval()
     coords = torch.tensor([[0, 0], [40, 40]])  # never in a common window, at any level
@@ -364,3 +380,38 @@ def test_short_fit_beats_mean_baseline():
     print(f"fit: final {final:.4f}, mean baseline {baseline:.4f}, first {first:.4f}")
     assert final < 0.5 * baseline
     assert final < first
+
+
+def test_bf16_autocast_cpu():
+    model = HiST(16, 4, **TINY)
+    batch = _slide()
+    with torch.no_grad():
+        ref = model.eval()(batch)["pred"]
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+        loss = model.loss(out, batch)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(batch)["pred"].float()
+    assert (low - ref).abs().max() < 0.1
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    model = HiST(16, 4, **TINY).eval()
+    batch = _slide()
+    with torch.no_grad():
+        ref = model(batch)["pred"]
+        model.cuda()
+        got = model({k: v.cuda() for k, v in batch.items()})["pred"].cpu()
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    model.train()
+    cuda_batch = {k: v.cuda() for k, v in batch.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        aug = model.augment(cuda_batch, 0.0)
+        loss = model.loss(model(aug), aug)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)

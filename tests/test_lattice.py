@@ -211,3 +211,18 @@ def test_pp_lattice_errors():
     del sdata.tables["stpred"].obsm["spatial"]
     with pytest.raises(KeyError, match="obsm"):
         stpred.pp.lattice(sdata)
+
+
+def test_pp_lattice_on_synthetic(sdata):
+    import stpred
+
+    stpred.pp.select_genes(sdata, n_top=4)
+    stpred.pp.lattice(sdata)
+    table = sdata.tables["stpred"]
+    meta = table.uns["stpred"]
+    for section in meta["technology"]:
+        rows = (table.obs["section"] == section).to_numpy()
+        grid = table.obs.loc[rows, ["array_x", "array_y"]].to_numpy()
+        # synthetic spots sit on a square grid of pitch `pitch_um`; the default unit is half of it
+        assert meta["lattice"]["unit_um"][section] == meta["pitch_um"][section] / 2
+        np.testing.assert_array_equal(table.obsm["lattice"][rows], 2 * (grid - grid.min(0)))

@@ -33,6 +33,7 @@ __all__ = [
     "build_window_table",
     "coarsen_map",
     "gather_children",
+    "level_tables",
     "neighbour_table",
     "pack_children",
     "window_attention",

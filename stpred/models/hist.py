@@ -193,9 +193,11 @@ class RefinementLayer(nn.Module):
         self.proj = nn.Linear(width, width)
         side = 4 * window - 1
         self.rpb = nn.Parameter(torch.empty(heads, side * side))
-        nn.init.trunc_normal_(self.rpb, std=rpb_std, a=-2 * rpb_std, b=2 * rpb_std)
+        nn.init.trunc_normal_(self.rpb, std=rpb_std)
         self.norm2 = nn.LayerNorm(width)
-        self.ffn = nn.Sequential(nn.Linear(width, ff_ratio * width), nn.ReLU(), nn.Linear(ff_ratio * width, width))
+        self.ffn = nn.Sequential(
+            nn.Linear(width, ff_ratio * width), nn.ReLU(inplace=True), nn.Linear(ff_ratio * width, width)
+        )
 
     def _global(self, qkv_x: Tensor, qkv_z: Tensor, drop: float) -> tuple[Tensor, Tensor]:
         """Spots ↔ calibration tokens, per head, as block-diagonal matmuls (no copies of the spot tensors).
@@ -349,23 +351,34 @@ class HiST(nn.Module):
 
     Notes
     -----
-    Deliberate differences from the official code (``reference/hist.md``):
+    Deliberate differences from the official code (``reference/hist.md``); everything else follows it (width 512,
+    8 heads, "111-21", 6 x 6 windows, RPB tables of 11 x 11 per head and layer, three calibration tokens
+    [max, mean, fixed] pooled from the raw embeddings and re-projected by a Linear at every stage, concat skips,
+    ICNR uncoarsening, MSE loss, head bias from the mean target; 33,306,752 parameters at in_dim 1024 and 2000
+    genes, exactly the reference's trained count):
 
-    - **No sentinel tokens, padding masked.** The reference pads each slide with two zero "sentinel" tokens that it
-      never masks (they join window attention, coarsening and the max/mean pooling, §10.4). Here no sentinels are
-      added; window slots that hold no spot are masked out of every softmax, and the calibration tokens pool over
-      real spots only. Window and level alignment is relative to the slide's bounding box (``coords - min``).
+    - **No sentinel tokens, padding masked.** The reference pads each slide with two zero "sentinel" tokens that
+      it never masks (they join window attention, coarsening and the max/mean pooling, §10.4). Here no sentinels
+      are added; window slots that hold no spot are masked out of every softmax, and the calibration tokens pool
+      over real spots only (so the max token is not clipped at 0 and the mean divides by N, not N + 2). Window
+      and dyadic alignment are relative to the slide's bounding box (``coords - min``), not to the reference's
+      sentinel-padded canvas (offset by 2 or 3 cells); the output is invariant to translating ``coords``.
     - **Shifted windows always shifted.** The reference silently uses the regular partition twice when both
       canvas sides are multiples of 6 (§5.3); here the shifted partition is always anchored at ``(-w, -w)``.
     - **Augmentation schedule reaches the data.** The reference's cosine schedule is inert (constant p = 0.75 and
       75 % spot drop for all epochs, §4.6); here :meth:`augment` computes its strength from ``progress``
-      (``aug_schedule="constant"`` reproduces the released behaviour). Augmentation starts from the integer lattice
-      (the batch carries no continuous positions) and re-snaps with :func:`~stpred.pp._lattice.lattice_indices`,
-      whose collision rule is the nearest free cell (not the reference's enumeration order).
-    - **No dead parameters.** The reference's head has a never-used global projection (2.05 M parameters, §10.10);
-      it is not built. The fixed calibration token is a buffer drawn from a seeded generator.
-    - **Attention is windowed, not an edge list.** Equal to the reference's DGL union graph up to the masking
-      above; computed per window with an exact log-sum-exp merge of the two partitions.
+      (``aug_schedule="constant"`` reproduces the released behaviour). Augmentation starts from the integer
+      lattice (the batch carries no continuous positions) and re-snaps with
+      :func:`~stpred.pp._lattice.lattice_indices`, whose collision rule is the nearest free cell in rounds (the
+      reference's canonical mapper takes the first free cell of a square scan, its runtime mapper the nearest
+      free cell spot by spot).
+    - **No dead parameters.** The reference's head has a never-used global projection (2.05 M parameters,
+      §10.10); it is not built. The fixed calibration token is a buffer drawn from a generator seeded with 0.
+    - **Attention is windowed, not an edge list.** The same neighbourhoods as the reference's DGL union graph
+      (minus the sentinels), computed window by window with an exact log-sum-exp merge of the two partitions,
+      so keys and values are never copied per edge. Scores and softmax statistics stay in float32 under autocast.
+    - **Input handling.** Coordinates must be unique integers (no silent re-snapping); rows need not be sorted
+      (the output is permutation-equivariant), where the reference sorts every slide lexicographically.
 
     Examples
     --------
