@@ -139,7 +139,9 @@ class MMAPConfig:
         ``"mean"``: final prediction = mean of the three heads (paper); ``"reference"``: ¼·head1 + ¼·head2 +
         ½·head3 (§2.3).
     phase
-        Phase the model starts in (1 or 2); change it at run time with :meth:`MMAP.set_phase`.
+        Last phase :func:`stpred.tl.fit` trains: ``2`` (default) runs phase 1 then phase 2; ``1`` stops after phase 1
+        (predictions are then the mean of the two phase-1 heads). The model is built in phase 1; change it at
+        run time with :meth:`MMAP.set_phase`.
     train
         Optimisation defaults for each phase: Adam, lr 1e-5, no weight decay, cosine to 1e-6, 50 epochs, batch 16
         (§1.5, §2.4).
@@ -173,7 +175,7 @@ class MMAPConfig:
     proto_seed: int = 42
     proto_padding: Literal["mask", "zeros"] = "mask"
     head_weights: Literal["mean", "reference"] = "mean"
-    phase: int = 1
+    phase: int = 2
     train: TrainDefaults = field(
         default=TrainDefaults(
             lr=1e-5, weight_decay=0.0, optimizer="adam", scheduler="cosine", min_lr=1e-6, max_epochs=50, batch_size=16
@@ -337,8 +339,10 @@ class MMAP(nn.Module):
     #: engine builds its per-spot arrays once, before phase 1.
     inputs: tuple[str, ...] = ("spot", "slide")
     batching = "spots"
-    #: Training phases, run in this order by the engine (``set_phase`` then ``prepare_slides`` before each).
-    phases: tuple[int, ...] = (1, 2)
+    @property
+    def phases(self) -> tuple[int, ...]:
+        """Training phases the engine runs, in order (``set_phase`` then ``prepare_slides`` before each)."""
+        return tuple(range(1, self.config.phase + 1))
 
     def __init__(self, n_genes: int, **config: Any) -> None:
         super().__init__()
@@ -374,10 +378,20 @@ class MMAP(nn.Module):
         self.register_buffer("proto_bank", torch.zeros(0, cfg.proto_k_max, dim))
         self.register_buffer("proto_mask", torch.zeros(0, cfg.proto_k_max, dtype=torch.bool))
         self.register_buffer("proto_slides", torch.zeros(0, dtype=torch.long))
-        self.register_buffer("current_phase", torch.tensor(cfg.phase))
+        self.register_buffer("current_phase", torch.tensor(1))
         self.register_load_state_dict_post_hook(_restore_phase)
         self._progress = 1.0
-        self.set_phase(cfg.phase)
+        self.set_phase(1)  # built in phase 1; `config.phase` is the last phase `tl.fit` trains
+
+    def init_head_bias(self, mean: Tensor) -> None:
+        """Start the three heads at the mean training target (called by :func:`stpred.tl.fit`).
+
+        Not in the reference, whose heads start near zero: with ``log_share`` targets near ln(1/250) the first
+        epochs would only learn that offset, and at MMAP's small learning rate (1e-5) that takes long.
+        """
+        with torch.no_grad():
+            for head in (self.head1, self.head2, self.head3):
+                head.bias.copy_(mean.to(head.bias))
 
     # ------------------------------------------------------------------ phases
     @property

@@ -126,8 +126,8 @@ def train_model(
     checkpoint = None
     if data.has_val:
         checkpoint = ModelCheckpoint(
-            dirpath=str(checkpoint_dir),
-            filename=f"phase{phase}-best",
+            dirpath=str(Path(checkpoint_dir) / f"phase{phase}"),
+            filename="best",
             monitor="val_mse",
             mode="min",
             save_top_k=1,
@@ -152,6 +152,8 @@ def train_model(
     with warnings.catch_warnings():
         # the store gather lives in the module's `on_after_batch_transfer` on purpose (it needs the device)
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+        # frozen sub-modules (MMAP's backbone) are kept in eval mode on purpose
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
         trainer.fit(module, datamodule=data)
     frame = history.frame()
     best_path = None
