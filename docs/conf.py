@@ -26,15 +26,18 @@ autodoc_default_options = {"members": True, "undoc-members": False}
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = False
-napoleon_custom_sections = [("Batch keys", "params_style")]
+# attributes as fields of the class docstring (dataclass fields would otherwise be documented twice)
+napoleon_use_ivar = True
+# stpred's "Returns" sections are prose ("Nothing; writes ..."), not "name : type" lists: render them as written
+napoleon_custom_sections = [("Batch keys", "params_style"), ("Returns", "prose")]
 myst_enable_extensions = ["dollarmath", "colon_fence"]
 # the tutorials are executed by the test suite (tests/test_tutorials.py), not by Sphinx
 nb_execution_mode = "off"
-source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb", ".rst": "restructuredtext"}
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}  # .rst first: autosummary writes .rst
 exclude_patterns = ["_build", "generated/*.ipynb", "**.ipynb_checkpoints"]
 html_theme = "pydata_sphinx_theme"
 html_title = "stpred"
-templates_path: list[str] = []
+templates_path = ["_templates"]
 html_static_path: list[str] = []
 suppress_warnings = ["myst.header", "mystnb.unknown_mime_type"]
 nitpicky = False
