@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 project = "stpred"
 author = "stpred developers"
-copyright = "2026, stpred developers"  # noqa: A001
+copyright = "2026, stpred developers"
 
 extensions = [
     "myst_nb",
@@ -21,6 +21,7 @@ extensions = [
 ]
 autosummary_generate = True
 autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented_params"
 autodoc_member_order = "bysource"
 autodoc_default_options = {"members": True, "undoc-members": False}
 napoleon_google_docstring = False
@@ -33,7 +34,11 @@ napoleon_custom_sections = [("Batch keys", "params_style"), ("Returns", "prose")
 myst_enable_extensions = ["dollarmath", "colon_fence"]
 # the tutorials are executed by the test suite (tests/test_tutorials.py), not by Sphinx
 nb_execution_mode = "off"
-source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}  # .rst first: autosummary writes .rst
+source_suffix = {
+    ".rst": "restructuredtext",
+    ".md": "myst-nb",
+    ".ipynb": "myst-nb",
+}  # .rst first: autosummary writes .rst
 exclude_patterns = ["_build", "generated/*.ipynb", "**.ipynb_checkpoints"]
 html_theme = "pydata_sphinx_theme"
 html_title = "stpred"

@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Test tensors are small: one thread per process avoids OpenMP oversubscription when pytest-xdist runs one
+# worker per core (set before anything imports torch).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData

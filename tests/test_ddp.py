@@ -46,6 +46,8 @@ def test_fit_with_ddp_on_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in ranks:
-        assert r["finite"] and r["epochs"] == 2 and r["shape"][1] == 5
+        assert r["finite"]
+        assert r["epochs"] == 2
+        assert r["shape"][1] == 5
     # both processes end with the same (synchronised) weights, hence the same predictions
     assert ranks[0]["sum"] == pytest.approx(ranks[1]["sum"], rel=1e-5)

@@ -83,7 +83,7 @@ class ToySlide(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def _prepared_once():
+def prepared_once():
     sdata = stpred.datasets.synthetic(n_sections=3, n_genes=10, seed=1, n_patients=3)
     stpred.pp.select_genes(sdata, n_top=6)
     stpred.pp.normalize(sdata)
@@ -91,10 +91,10 @@ def _prepared_once():
 
 
 @pytest.fixture
-def prepared(_prepared_once):
+def prepared(prepared_once):
     import spatialdata as sd
 
-    sdata = sd.deepcopy(_prepared_once)
+    sdata = sd.deepcopy(prepared_once)
     stpred.pp.extract_patches(sdata, size=32, context_size=None, progress=False)
     rng = np.random.default_rng(0)
     table = sdata.tables["stpred"]
@@ -116,13 +116,15 @@ def test_fit_predict_history_and_provenance(prepared, tmp_path):
     stpred.tl.predict(prepared, "toy_cnn", progress=False)
     table = prepared.tables["stpred"]
     layer = table.layers["stpred_toy_cnn"]
-    assert layer.shape == table.shape and np.isfinite(layer).all()
+    assert layer.shape == table.shape
+    assert np.isfinite(layer).all()
     entry = table.uns["stpred"]["predictions"]["stpred_toy_cnn"]
     assert entry["genes"] == list(table.var_names)
     assert entry["checkpoint"].startswith(str(tmp_path))
     assert table.uns["stpred"]["models"]["toy_cnn"]["seed"] == 0
     # the model's augment hook ran with a training-progress value in [0, 1)
-    assert pred.model.augment_calls and 0 <= min(pred.model.augment_calls) < max(pred.model.augment_calls) < 1
+    assert pred.model.augment_calls
+    assert 0 <= min(pred.model.augment_calls) < max(pred.model.augment_calls) < 1
 
 
 def test_predict_refuses_to_overwrite(prepared):
@@ -135,7 +137,8 @@ def test_predict_refuses_to_overwrite(prepared):
     stpred.tl.predict(prepared, "toy_cnn", overwrite=True, sections=["S1"], progress=False)
     layer = prepared.tables["stpred"].layers["stpred_toy_cnn"]
     s1 = (prepared.tables["stpred"].obs["section"] == "S1").to_numpy()
-    assert np.isfinite(layer[s1]).all() and np.isnan(layer[~s1]).all()
+    assert np.isfinite(layer[s1]).all()
+    assert np.isnan(layer[~s1]).all()
 
 
 def test_seeded_fit_is_deterministic_on_cpu(prepared):
@@ -185,10 +188,10 @@ def test_errors_name_the_fix(prepared):
         stpred.tl.fit(prepared, "toy_slide", embedding_key="X_missing")
 
 
-def test_missing_patches_error(_prepared_once):
+def test_missing_patches_error(prepared_once):
     import spatialdata as sd
 
-    fresh = sd.deepcopy(_prepared_once)
+    fresh = sd.deepcopy(prepared_once)
     with pytest.raises(KeyError, match=r"run `stpred.pp.extract_patches\(sdata\)` first"):
         stpred.tl.fit(fresh, "toy_cnn", **FIT)
 
@@ -207,7 +210,8 @@ def test_validation_never_from_test_sections(prepared):
     table = prepared.tables["stpred"]
     train, val, info = validation_split(table, ["S0", "S1"], seed=0)
     assert info["rule"] == "held-out patients"
-    assert set(train) | set(val) <= {"S0", "S1"} and not set(train) & set(val)
+    assert set(train) | set(val) <= {"S0", "S1"}
+    assert not set(train) & set(val)
     train, val, info = validation_split(table, ["S2"], seed=0)
     assert info["rule"] == "spatial blocks"
     rows = np.flatnonzero((table.obs["section"] == "S2").to_numpy())

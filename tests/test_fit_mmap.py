@@ -58,7 +58,8 @@ def test_save_load_keeps_adapters_and_prototype_recipe(fitted, tmp_path):
     assert lora
     for key in lora:
         np.testing.assert_array_equal(loaded.model.state_dict()[key].numpy(), predictor.model.state_dict()[key].numpy())
-    assert loaded.model.config.proto_k_min == 4 and loaded.model.config.proto_k_max == 16
+    assert loaded.model.config.proto_k_min == 4
+    assert loaded.model.config.proto_k_max == 16
     # prototypes are rebuilt per slide at prediction time, from the same features → identical predictions
     np.testing.assert_allclose(
         loaded.predict(sdata, ["S2"], progress=False), predictor.predict(sdata, ["S2"], progress=False), atol=1e-5

@@ -164,7 +164,8 @@ def test_phase1_shapes_and_trainable_parameters() -> None:
     model = tiny_mmap()
     assert get_model("mmap") is MMAP
     assert MMAP.inputs == ("spot", "slide")
-    assert model.phases == (1, 2) and tiny_mmap(phase=1).phases == (1,)
+    assert model.phases == (1, 2)
+    assert tiny_mmap(phase=1).phases == (1,)
     assert model.phase == 1
     assert MMAP.batching == "spots"
     out = model.train()({"spot": spots(4)})
