@@ -32,6 +32,10 @@ def main() -> None:
     parser.add_argument("--n-top", type=int, default=250)
     parser.add_argument("--encoder", default="resnet18", help="patch encoder for HiST embeddings")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--size", type=int, default=224, help="spot crop side in pixels")
+    parser.add_argument("--mpp", type=float, default=None, help="resample crops to this µm/px (default native)")
+    parser.add_argument("--backbone", default=None, help="MMAP ViT backbone (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--path", default=os.environ.get("STPRED_HER2ST"))
     parser.add_argument("--out", default=None)
@@ -47,17 +51,21 @@ def main() -> None:
     stpred.pp.normalize(sdata)
     kwargs: dict = {}
     if args.model == "hifusion":
-        stpred.pp.extract_patches(sdata, size=224, context_size=448)
+        stpred.pp.extract_patches(sdata, size=args.size, context_size=2 * args.size, mpp=args.mpp)
+        kwargs.update(spot_size=args.size, context_size=2 * args.size)
         if args.width:
             kwargs["width"] = args.width
     elif args.model == "hist":
-        stpred.pp.extract_patches(sdata, size=224, context_size=None)
+        stpred.pp.extract_patches(sdata, size=args.size, context_size=None, mpp=args.mpp)
         stpred.pp.embed(sdata, encoder=args.encoder)
         kwargs["embedding_key"] = f"X_emb_{args.encoder}"
         if args.width:
             kwargs["width"] = args.width
     else:
-        stpred.pp.extract_patches(sdata, size=224, context_size=None)
+        stpred.pp.extract_patches(sdata, size=args.size, context_size=None, mpp=args.mpp)
+        if args.backbone:
+            kwargs["backbone"] = args.backbone
+        kwargs["backbone_kwargs"] = {"img_size": args.size}
     prep = time.perf_counter() - t0
     t1 = time.perf_counter()
     result = stpred.tl.cross_validate(
@@ -66,6 +74,7 @@ def main() -> None:
         protocol="sample-specific",
         max_epochs=args.epochs,
         batch_size=args.batch_size,
+        lr=args.lr,
         seed=args.seed,
         progress=False,
         **kwargs,
@@ -77,7 +86,10 @@ def main() -> None:
     out = {
         "benchmark": "her2st sample-specific (train C2, test C3-C6)",
         "model": args.model,
-        "config": {"epochs": args.epochs, "width": args.width, "n_top": args.n_top, "seed": args.seed, **kwargs},
+        "config": {
+            "epochs": args.epochs, "lr": args.lr, "size": args.size, "mpp": args.mpp, "n_top": args.n_top,
+            "seed": args.seed, **kwargs,
+        },
         "gene_panel": "top genes by mean count on the training section C2 only",
         "validation": result.folds[0]["validation"],
         "best": result.folds[0]["best"],

@@ -29,7 +29,8 @@ napoleon_numpy_docstring = True
 napoleon_use_rtype = False
 # attributes as fields of the class docstring (dataclass fields would otherwise be documented twice)
 napoleon_use_ivar = True
-# stpred's "Returns" sections are prose ("Nothing; writes ..."), not "name : type" lists: render them as written
+# stpred's "Returns" sections are prose ("Nothing; writes ..."), not "name : type" lists: an unknown style name
+# ("prose") makes napoleon render the section as a plain rubric with the text as written
 napoleon_custom_sections = [("Batch keys", "params_style"), ("Returns", "prose")]
 myst_enable_extensions = ["dollarmath", "colon_fence"]
 # the tutorials are executed by the test suite (tests/test_tutorials.py), not by Sphinx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import textwrap
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -30,7 +31,7 @@ def doc_params(**fragments: str) -> Callable[[F], F]:
 
     def deco(fn: F) -> F:
         doc = inspect.cleandoc(fn.__doc__ or "")
-        fn.__doc__ = doc.format(**{k: inspect.cleandoc(v) for k, v in fragments.items()})
+        fn.__doc__ = doc.format(**{k: textwrap.dedent(v).strip("\n") for k, v in fragments.items()})
         return fn
 
     return deco

@@ -68,7 +68,8 @@ def test_backward_reaches_every_trainable_parameter(name):
     assert out["pred"].shape == (N, N_GENES)
     assert torch.isfinite(out["pred"]).all()
     losses = model.loss(out, batch)
-    assert losses["loss"].ndim == 0 and torch.isfinite(losses["loss"])
+    assert losses["loss"].ndim == 0
+    assert torch.isfinite(losses["loss"])
     losses["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"no gradient for {missing[:5]}"
@@ -86,5 +87,7 @@ def test_unknown_config_key_is_rejected(name):
 def test_train_defaults_are_declared(name):
     model = tiny_model(name)
     train = model.config.train
-    assert train.lr > 0 and train.max_epochs > 0 and train.batch_size > 0
+    assert train.lr > 0
+    assert train.max_epochs > 0
+    assert train.batch_size > 0
     assert train.optimizer in ("adam", "adamw")

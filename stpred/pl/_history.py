@@ -56,7 +56,10 @@ def history_data(predictor_or_df: Any, *, keys: Sequence[str] | None = None) -> 
         if "epoch" not in frame.columns:
             frame["epoch"] = np.arange(len(frame))
     if keys is None:
-        keys = [k for k in ("train_loss", "val_loss", "train_mse", "val_mse") if k in frame.columns]
+        # the MSE of the final prediction: a model's full loss may add auxiliary terms on another scale
+        keys = [k for k in ("train_mse", "val_mse") if k in frame.columns] or [
+            k for k in ("train_loss", "val_loss") if k in frame.columns
+        ]
         if not keys:
             keys = [c for c in frame.columns if "loss" in str(c)]
     else:
@@ -122,7 +125,7 @@ def history(
         per fold), a list of per-fold histories, or a DataFrame with one row per epoch (an ``epoch`` column or
         index) and columns such as ``train_loss`` and ``val_loss``.
     keys
-        Columns to plot (default ``train_loss``, ``val_loss``, ``train_mse`` and ``val_mse`` where present).
+        Columns to plot (default ``train_mse`` and ``val_mse`` where present, else ``train_loss`` and ``val_loss``).
     monitor
         Column whose minimum marks the best epoch (``val_mse``: what :func:`stpred.tl.fit` selects on; falls back
         to ``val_loss`` when absent).

@@ -322,7 +322,7 @@ def gene_scores(
         ax.set_yticks(y)
         ax.set_yticklabels(part.index, fontsize="small" if k > 25 else "medium")
         ax.set_ylim(len(part) - 0.5, -0.5)  # first entry on top
-        ax.set_xlim(lo - pad, hi + 2.5 * pad)  # room for the value labels
+        ax.set_xlim(lo - 2.5 * pad if lo < 0 else lo - pad, hi + 2.5 * pad)  # room for the value labels
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_xlabel(label)
         ax.set_title(title, fontsize="medium")

@@ -88,8 +88,11 @@ class StpredModule(L.LightningModule):
         augment = getattr(self.model, "augment", None)
         if augment is not None:
             batch = augment(batch, self._progress(batch_idx))
-        losses = self.model.loss(self.model(batch), batch)
+        out = self.model(batch)
+        losses = dict(self.model.loss(out, batch))
         n = int(batch["target"].shape[0])
+        if "mse" not in losses:  # always log the prediction MSE, comparable with `val_mse` across models
+            losses["mse"] = nn.functional.mse_loss(out["pred"].detach().float(), batch["target"].float())
         self.log("train_loss", losses["loss"], prog_bar=True, on_step=False, on_epoch=True, batch_size=n)
         parts = {f"train_{k}": v for k, v in losses.items() if k != "loss"}
         if parts:

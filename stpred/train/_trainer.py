@@ -42,6 +42,12 @@ def resolve_precision(precision: str | int | None, accelerator: str) -> str | in
     return "32-true"
 
 
+def _quiet_lightning() -> None:
+    """Keep Lightning's per-fit banners (available accelerators, product tips) out of notebooks and logs."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def make_trainer(
     *,
     max_epochs: int,
@@ -57,6 +63,7 @@ def make_trainer(
     """A ``Trainer`` with stpred's defaults (no logger files, deterministic on CPU, bf16 on CUDA)."""
     accelerator = resolve_accelerator(accelerator)
     precision = resolve_precision(precision, accelerator)
+    _quiet_lightning()
     kwargs: dict[str, Any] = {
         "max_epochs": max_epochs,
         "accelerator": accelerator,
@@ -152,6 +159,7 @@ def train_model(
     with warnings.catch_warnings():
         # the store gather lives in the module's `on_after_batch_transfer` on purpose (it needs the device)
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         # frozen sub-modules (MMAP's backbone) are kept in eval mode on purpose
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
         trainer.fit(module, datamodule=data)
