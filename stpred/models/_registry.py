@@ -23,7 +23,17 @@ def _import_builtin(name: str | None = None) -> None:
 
 
 def register_model(name: str) -> Callable[[M], M]:
-    """Class decorator that files a model under ``name`` (refuses a name already taken)."""
+    """Class decorator that files a model under ``name`` (refuses a name already taken).
+
+    Parameters
+    ----------
+    name
+        Registry name (case-insensitive); also set as the class attribute ``name``.
+
+    Returns
+    -------
+    The decorator.
+    """
 
     def deco(cls: M) -> M:
         key = name.lower()
@@ -38,7 +48,17 @@ def register_model(name: str) -> Callable[[M], M]:
 
 
 def get_model(name: str) -> type[nn.Module]:
-    """The model class registered under ``name``."""
+    """The model class registered under ``name``.
+
+    Parameters
+    ----------
+    name
+        A registered name (case-insensitive), e.g. ``"hifusion"``, ``"hist"``, ``"mmap"``.
+
+    Returns
+    -------
+    The model class. Unknown names raise a :class:`ValueError` listing the registered ones.
+    """
     if not isinstance(name, str):
         msg = f"Expected a model name (str), found {type(name).__name__}."
         raise TypeError(msg)
