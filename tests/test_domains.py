@@ -224,3 +224,15 @@ def test_spatial_autocorr_agreement(tiny):
         stpred.tl.spatial_autocorr_agreement(tiny, layer="stpred_m", genes=["XX"])
     with pytest.raises(KeyError, match=r"No layer 'stpred_hifusion'.*available layers: \['stpred_m', 'target'\]"):
         stpred.tl.spatial_autocorr_agreement(tiny, layer="stpred_hifusion")
+
+
+def test_domains_never_overwrite_silently(sdata):
+    import stpred as _st
+
+    _st.pp.select_genes(sdata, n_top=6)
+    _st.pp.normalize(sdata)
+    _st.tl.domains(sdata, layer="target", n_domains=2, key_added="d")
+    with pytest.raises(ValueError, match=r"`obs\['d'\]` already exists; pass `overwrite=True`"):
+        _st.tl.domains(sdata, layer="target", n_domains=3, key_added="d")
+    _st.tl.domains(sdata, layer="target", n_domains=3, key_added="d", overwrite=True)
+    assert sdata.tables["stpred"].obs["d"].nunique() == 3

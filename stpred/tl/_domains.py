@@ -147,6 +147,7 @@ def domains(
     table_key: str = STPRED_TABLE,
     random_state: int = 0,
     n_neighs: int | None = None,
+    overwrite: bool = False,
 ) -> None:
     """Cluster spots into spatial domains from a measured or predicted expression layer.
 
@@ -183,6 +184,8 @@ def domains(
     random_state
         Seed of the PCA, the neighbour search and the clustering.
     {n_neighs}
+    overwrite
+        Replace an existing ``obs[key_added]`` column; by default an existing column is never replaced.
 
     Returns
     -------
@@ -215,6 +218,9 @@ def domains(
     if n_neighs is not None:
         check_positive(n_neighs, name="n_neighs")
     key_added = f"domains_{layer}" if key_added is None else key_added
+    if key_added in table.obs.columns and not overwrite:
+        msg = f"`obs[{key_added!r}]` already exists; pass `overwrite=True` to replace it or choose another `key_added`."
+        raise ValueError(msg)
 
     import anndata as ad
     import scanpy as sc
