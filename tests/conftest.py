@@ -120,3 +120,28 @@ def _assert_contract(sdata: SpatialData) -> None:
 def assert_contract():
     """A function that asserts a SpatialData object follows the stpred contract."""
     return _assert_contract
+
+
+def _pooled_vs_training_mean(
+    sdata: SpatialData, key: str, *, train: list[str], test: list[str]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Pooled test-section metrics of layer ``key`` and of the training-mean baseline (a layer added here)."""
+    import numpy as np
+
+    import stpred
+
+    table = sdata.tables["stpred"]
+    rows = table.obs["section"].isin(train).to_numpy()
+    mean = table.layers["target"][rows].mean(0)
+    table.layers["baseline_mean"] = np.broadcast_to(mean, table.shape).astype(np.float32)
+    scores = []
+    for layer in (key, "baseline_mean"):
+        frame = stpred.tl.evaluate(sdata, layer, sections=test).query("section == 'pooled'")
+        scores.append(dict(zip(frame["metric"], frame["value"])))
+    return scores[0], scores[1]
+
+
+@pytest.fixture
+def against_training_mean():
+    """``f(sdata, key, train=[...], test=[...]) -> (model_scores, baseline_scores)``, pooled over ``test``."""
+    return _pooled_vs_training_mean

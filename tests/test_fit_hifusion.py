@@ -23,15 +23,9 @@ def fitted():
     return sdata, predictor
 
 
-def test_short_fit_beats_training_mean_on_held_out_section(fitted):
+def test_short_fit_beats_training_mean_on_held_out_section(fitted, against_training_mean):
     sdata, predictor = fitted
-    table = sdata.tables["stpred"]
-    train = table.obs["section"].isin(["S0", "S1"]).to_numpy()
-    table.layers["baseline"] = np.broadcast_to(table.layers["target"][train].mean(0), table.shape).astype(np.float32)
-    model = stpred.tl.evaluate(sdata, "stpred_hifusion", sections=["S2"]).query("section == 'pooled'")
-    base = stpred.tl.evaluate(sdata, "baseline", sections=["S2"]).query("section == 'pooled'")
-    value = dict(zip(model["metric"], model["value"]))
-    baseline = dict(zip(base["metric"], base["value"]))
+    value, baseline = against_training_mean(sdata, "stpred_hifusion", train=["S0", "S1"], test=["S2"])
     assert value["mse"] < 0.9 * baseline["mse"]
     # the baseline is constant per gene, so its per-gene PCC is undefined (every gene excluded): 0 by convention
     assert np.isnan(baseline["pcc_gene"])

@@ -25,15 +25,11 @@ def fitted():
     return sdata, predictor
 
 
-def test_short_fit_beats_training_mean(fitted):
+def test_short_fit_beats_training_mean(fitted, against_training_mean):
     sdata, predictor = fitted
     table = sdata.tables["stpred"]
     assert "lattice" in table.obsm  # computed on demand by tl.fit
-    train = table.obs["section"].isin(["S0", "S1"]).to_numpy()
-    table.layers["baseline"] = np.broadcast_to(table.layers["target"][train].mean(0), table.shape).astype(np.float32)
-    model = stpred.tl.evaluate(sdata, "stpred_hist", sections=["S2"]).query("section == 'pooled'")
-    base = stpred.tl.evaluate(sdata, "baseline", sections=["S2"]).query("section == 'pooled'")
-    value, baseline = dict(zip(model["metric"], model["value"])), dict(zip(base["metric"], base["value"]))
+    value, baseline = against_training_mean(sdata, "stpred_hist", train=["S0", "S1"], test=["S2"])
     assert value["mse"] < 0.9 * baseline["mse"]
     assert value["pcc_gene"] > 0.2
 

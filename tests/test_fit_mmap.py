@@ -34,17 +34,12 @@ def fitted():
     return sdata, predictor
 
 
-def test_both_phases_run_and_beat_training_mean(fitted):
+def test_both_phases_run_and_beat_training_mean(fitted, against_training_mean):
     sdata, predictor = fitted
     assert sorted(predictor.history["phase"].unique()) == [1, 2]
     assert set(predictor.info["best"]) == {1, 2}
     assert predictor.model.phase == 2
-    table = sdata.tables["stpred"]
-    train = table.obs["section"].isin(["S0", "S1"]).to_numpy()
-    table.layers["baseline"] = np.broadcast_to(table.layers["target"][train].mean(0), table.shape).astype(np.float32)
-    model = stpred.tl.evaluate(sdata, "stpred_mmap", sections=["S2"]).query("section == 'pooled'")
-    base = stpred.tl.evaluate(sdata, "baseline", sections=["S2"]).query("section == 'pooled'")
-    value, baseline = dict(zip(model["metric"], model["value"])), dict(zip(base["metric"], base["value"]))
+    value, baseline = against_training_mean(sdata, "stpred_mmap", train=["S0", "S1"], test=["S2"])
     assert value["mse"] < 0.9 * baseline["mse"]
     assert value["pcc_gene"] > 0.25
 
