@@ -305,3 +305,11 @@ def test_plain_makes_uns_writable():
 
     out = plain({"a": [{"x": 1}, {"y": None}], "b": (1, 2.5), "c": None, "d": [1, "s"], "e": np.int64(3)})
     assert out == {"a": {"0": {"x": 1}, "1": {}}, "b": [1, 2.5], "d": {"0": 1, "1": "s"}, "e": 3}
+
+
+def test_predict_returns_table_order_whatever_the_section_order(prepared):
+    pred = stpred.tl.fit(prepared, "toy_cnn", **FIT)
+    full = pred.predict(prepared, progress=False)
+    sections = prepared.tables["stpred"].obs["section"].astype(str).to_numpy()
+    rows = np.isin(sections, ["S0", "S2"])
+    np.testing.assert_allclose(pred.predict(prepared, ["S2", "S0"], progress=False), full[rows], rtol=1e-6, atol=1e-6)

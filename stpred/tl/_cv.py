@@ -53,6 +53,11 @@ class CVResult:
         Layer holding the out-of-fold predictions.
     histories
         Per-fold training histories.
+
+    Examples
+    --------
+    >>> result = stpred.tl.cross_validate(sdata, "hist", protocol="slide-wise", embedding_key="X_emb_resnet18")
+    >>> result.metrics.query("section == 'pooled' and metric == 'pcc_gene'")
     """
 
     model: str
@@ -130,6 +135,15 @@ def cross_validate(
     -------
     A :class:`CVResult` with per-fold and overall metrics and the protocol description (including whether the
     gene panel was chosen with the test sections included).
+
+    Examples
+    --------
+    >>> sdata = stpred.datasets.her2st()
+    >>> stpred.pp.select_genes(sdata, sections=["C2"])
+    >>> stpred.pp.normalize(sdata)
+    >>> stpred.pp.extract_patches(sdata)
+    >>> result = stpred.tl.cross_validate(sdata, "hifusion", protocol="sample-specific", max_epochs=20)
+    >>> result.summary()
     """
     from ._evaluate import evaluate
     from ._fit import fit

@@ -83,8 +83,14 @@ def evaluate(
     ``n_spots``; metrics ``mse``, ``mae``, ``pcc_gene``, ``pcc_spot``, ``pcc_flat``, ``r2_gene``, ``r2_flat``,
     ``n_genes_excluded`` (genes left out of ``pcc_gene`` because truth or prediction is constant). The ``group``
     column is also available under the name of ``groupby`` (``section`` by default).
+
+    Examples
+    --------
+    >>> scores = stpred.tl.evaluate(sdata, "stpred_hifusion", sections=["S2"])
+    >>> scores.pivot(index="metric", columns="section", values="value")
     """
     from .. import metrics
+    from ._inputs import section_names
 
     table = _resolve_table(sdata, table_key)
     pred = _layer(table, key, role="prediction")
@@ -94,7 +100,7 @@ def evaluate(
         raise ValueError(msg)
     keep = ~np.isnan(pred).any(axis=1)
     if sections is not None:
-        chosen = check_sections(sections, list(dict.fromkeys(table.obs[SECTION_KEY].astype(str))))
+        chosen = check_sections(sections, section_names(table))
         keep &= table.obs[SECTION_KEY].astype(str).isin(chosen).to_numpy()
     if not keep.any():
         msg = f"Layer {key!r} has no predicted spots in the chosen sections."

@@ -102,19 +102,29 @@ def fit(
     The fitted :class:`~stpred.tl.Predictor`. Also records the fit under
     ``sdata.tables["stpred"].uns["stpred"]["models"][model]`` and remembers the predictor, so that
     ``stpred.tl.predict(sdata, model=model)`` uses it.
+
+    Examples
+    --------
+    >>> sdata = stpred.datasets.synthetic()
+    >>> stpred.pp.select_genes(sdata, n_top=30, sections=["S0", "S1"])
+    >>> stpred.pp.normalize(sdata)
+    >>> stpred.pp.extract_patches(sdata, size=112, context_size=224)
+    >>> predictor = stpred.tl.fit(sdata, "hifusion", train=["S0", "S1"], max_epochs=5,
+    ...                           spot_size=112, context_size=224, width=16)
+    >>> predictor.history[["epoch", "train_mse", "val_mse"]]
     """
     import lightning as L
     import torch
 
     from ..models import get_model
     from ..train import TensorStore, train_model
-    from ._inputs import model_arrays, model_sizes
+    from ._inputs import model_arrays, model_sizes, section_names
     from ._splits import validation_split
 
     table = get_table(sdata, table_key, made_by="pp.select_genes")
     cls = get_model(model)
     name = cls.name
-    all_sections = list(dict.fromkeys(table.obs["section"].astype(str)))
+    all_sections = section_names(table)
     train_sections = check_sections(train, all_sections)
     for value, label in ((max_epochs, "max_epochs"), (batch_size, "batch_size"), (lr, "lr")):
         if value is not None:
@@ -163,7 +173,7 @@ def fit(
             store,
             train_groups,
             val_groups,
-            optim=_phase_optim(net, optim, phase),
+            optim=optim,
             batching=net.batching,
             max_epochs=epochs,
             batch_size=bs,
@@ -218,14 +228,6 @@ def fit(
         table.uns[UNS_KEY]["models"] = models
         record(table, "tl.fit", model=name, seed=seed, train=train_sections, checkpoint=str(saved), **model_kwargs)
     return predictor
-
-
-def _phase_optim(net: Any, optim: Any, phase: int) -> Any:
-    per_phase = getattr(net, "phase_train_defaults", None)
-    if per_phase is None:
-        return optim
-    override = per_phase(phase)
-    return optim if override is None else override
 
 
 def _check_rows(name: str, train_groups: list[np.ndarray], batching: str) -> None:

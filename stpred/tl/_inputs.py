@@ -24,6 +24,11 @@ def section_codes(table: AnnData) -> tuple[np.ndarray, list[str]]:
     return np.array([lookup[s] for s in sections], dtype=np.int64), names
 
 
+def section_names(table: AnnData) -> list[str]:
+    """Section names in order of first appearance in the table."""
+    return section_codes(table)[1]
+
+
 def rows_of(table: AnnData, sections: list[str]) -> dict[str, np.ndarray]:
     """Row indices of each section, in table order."""
     col = table.obs[SECTION_KEY].astype(str).to_numpy()

@@ -11,6 +11,7 @@ from .._constants import STPRED_TABLE, UNS_KEY, prediction_layer
 from .._docs import doc_overwrite, doc_params, doc_sdata
 from .._provenance import plain, record, stpred_uns
 from .._validate import check_sections, get_table
+from ._inputs import section_names
 from ._predictor import Predictor, resolve_predictor
 
 if TYPE_CHECKING:
@@ -56,6 +57,12 @@ def predict(
     -------
     Nothing; writes ``sdata.tables["stpred"].layers[key_added]`` (float32, same shape as ``X``, normalised like
     ``layers["target"]``) and its provenance under ``uns["stpred"]["predictions"][key_added]``.
+
+    Examples
+    --------
+    >>> stpred.tl.fit(sdata, "hifusion", train=["S0", "S1"])
+    >>> stpred.tl.predict(sdata, "hifusion", sections=["S2"])
+    >>> sdata.tables["stpred"].layers["stpred_hifusion"]
     """
     table = get_table(sdata, table_key, made_by="pp.select_genes")
     predictor = resolve_predictor(sdata, model, table_key=table_key)
@@ -66,7 +73,7 @@ def predict(
     if key in ("target", "counts"):
         msg = f"`key_added={key!r}` would replace the measured data; choose another name."
         raise ValueError(msg)
-    all_sections = list(dict.fromkeys(table.obs["section"].astype(str)))
+    all_sections = section_names(table)
     chosen = check_sections(sections, all_sections)
     pred = predictor.predict(sdata, chosen, table_key=table_key, batch_size=batch_size, device=device, progress=progress)
     layer = np.full(table.shape, np.nan, dtype=np.float32)

@@ -49,6 +49,11 @@ class Predictor:
         Per-epoch training and validation losses.
     info
         Provenance: model kwargs, sizes, seed, splits, best epoch, versions, checkpoint path.
+
+    Examples
+    --------
+    >>> predictor = stpred.tl.fit(sdata, "hifusion", train=["S0", "S1"])
+    >>> values = predictor.predict(sdata, ["S2"])  # (n_spots, n_genes), normalised like layers["target"]
     """
 
     def __init__(
@@ -141,11 +146,11 @@ class Predictor:
         Array ``(n_spots, n_genes)`` for the rows of ``sections`` in table order, genes in table order.
         """
         from ..train import TensorStore, run_inference
-        from ._inputs import model_arrays, rows_of
+        from ._inputs import model_arrays, rows_of, section_names
 
         table = get_table(sdata, table_key, made_by="pp.select_genes")
         order = self.check_compatible(table)
-        all_sections = list(dict.fromkeys(table.obs["section"].astype(str)))
+        all_sections = section_names(table)
         sections = check_sections(sections, all_sections)
         arrays = model_arrays(
             sdata,
@@ -171,9 +176,8 @@ class Predictor:
             progress=progress,
         )
         rows = np.concatenate(groups)
-        out = np.empty_like(pred)
-        out[np.argsort(rows, kind="stable")] = pred
-        return out[:, order]
+        # `pred` follows the requested section order; return rows in table order, as the docstring promises
+        return pred[np.argsort(rows, kind="stable")][:, order]
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -219,6 +223,11 @@ def load(path: str | os.PathLike) -> Predictor:
     Returns
     -------
     The predictor, with weights loaded strictly (any missing or unexpected tensor is an error).
+
+    Examples
+    --------
+    >>> predictor.save("hifusion_c2")
+    >>> stpred.tl.predict(sdata, stpred.tl.load("hifusion_c2"), key_added="stpred_hifusion_c2")
     """
     import torch
 
