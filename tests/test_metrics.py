@@ -162,3 +162,119 @@ def test_torch_versions_match_numpy(pair):
     with pytest.raises(ValueError, match="2-D tensors of the same shape"):
         M.pcc_gene_torch(tp[:, 0], tt[:, 0])
     assert torch.isnan(M.pcc_gene_torch(torch.ones(3, 2), torch.ones(3, 2)))
+
+
+# --------------------------------------------------------------------------------------------------- constant rule
+def _mostly_constant(n_spots: int = 200, n_genes: int = 250, n_good: int = 10, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    truth = rng.normal(size=(n_spots, n_genes))
+    pred = np.tile(truth.mean(0), (n_spots, 1))  # constant on every gene ...
+    pred[:, :n_good] = truth[:, :n_good] + rng.normal(scale=0.1, size=(n_spots, n_good))  # ... but 10
+    return pred, truth
+
+
+def test_constant_on_most_genes_is_reported_or_scored_zero():
+    pred, truth = _mostly_constant()
+    excl = M.compute_all(pred, truth)
+    assert excl["pcc_gene"] > 0.95
+    assert excl["n_genes_excluded"] == 240
+    assert excl["n_genes_constant"] == 240
+    zero = M.compute_all(pred, truth, constant="zero")
+    assert zero["pcc_gene"] == pytest.approx(excl["pcc_gene"] * 10 / 250)
+    assert zero["pcc_gene"] < 0.05
+    assert zero["n_genes_excluded"] == 0
+    assert zero["n_genes_constant"] == 240
+    assert excl["frac_genes_pcc_gt_0.3"] == zero["frac_genes_pcc_gt_0.3"] == pytest.approx(10 / 250)
+    assert M.pcc_gene(pred, truth, constant="zero") == pytest.approx(zero["pcc_gene"])
+    with pytest.raises(ValueError, match="'exclude' or 'zero'"):
+        M.pcc_gene(pred, truth, constant="drop")
+
+
+def test_near_constant_prediction_counts_as_constant_scale_aware():
+    rng = np.random.default_rng(3)
+    truth = rng.normal(size=(100, 3))
+    pred = np.empty_like(truth)
+    pred[:, 0] = 5.0 + 1e-7 * rng.normal(size=100)  # float noise on a level of 5: constant
+    pred[:, 1] = 1e-3 * truth[:, 1]  # shrunk but a real signal: kept
+    pred[:, 2] = truth[:, 2]
+    per = M.pcc_per_gene(pred, truth)
+    assert np.isnan(per[0])
+    assert per[1] == pytest.approx(1.0)
+    for scale in (1e-4, 1e4):  # the same genes are flagged whatever the unit
+        assert np.isnan(M.pcc_per_gene(pred * scale, truth * scale)).tolist() == [True, False, False]
+    assert M.pcc_per_gene(pred, truth, constant="zero")[0] == 0.0
+    truth[:, 2] = 1.0  # constant truth stays excluded under "zero"
+    assert np.isnan(M.pcc_per_gene(pred, truth, constant="zero")[2])
+
+
+def test_torch_uses_same_constant_rule():
+    torch = pytest.importorskip("torch")
+    pred, truth = _mostly_constant(n_spots=50, n_genes=20, n_good=5)
+    pred[:, 5] += 1e-9 * np.arange(50)  # near-constant, not exactly
+    got = M.pcc_gene_torch(torch.tensor(pred), torch.tensor(truth)).item()
+    assert got == pytest.approx(M.pcc_gene(pred, truth), abs=1e-10)
+    assert M.compute_all(pred, truth)["n_genes_excluded"] == 15
+
+
+# --------------------------------------------------------------------------------------------------- bootstrap
+def test_paired_bootstrap_covers_known_difference_and_shrinks():
+    rng = np.random.default_rng(0)
+    true_diff = 0.05
+    small = rng.normal(true_diff, 0.1, size=(4, 50))
+    large = rng.normal(true_diff, 0.1, size=(4, 2000))
+    a = M.paired_bootstrap(small, over="genes", n_boot=1000, seed=1)
+    b = M.paired_bootstrap(large, over="genes", n_boot=1000, seed=1)
+    assert a["ci_low"] < true_diff < a["ci_high"]
+    assert b["ci_low"] < true_diff < b["ci_high"]
+    assert (b["ci_high"] - b["ci_low"]) < 0.4 * (a["ci_high"] - a["ci_low"])
+    assert a["estimate"] == pytest.approx(small.mean())
+    # coverage over many synthetic data sets is close to the nominal 95 %
+    hits = 0
+    for i in range(100):
+        d = np.random.default_rng(100 + i).normal(true_diff, 0.2, size=(1, 80))
+        out = M.paired_bootstrap(d, n_boot=300, seed=i)
+        hits += out["ci_low"] < true_diff < out["ci_high"]
+    assert 85 <= hits <= 100
+
+
+def test_paired_bootstrap_sections_nan_and_determinism():
+    rng = np.random.default_rng(2)
+    d = rng.normal(0.1, 0.05, size=(6, 100)) + rng.normal(0, 0.05, size=(6, 1))  # section effects
+    d[0, :10] = np.nan  # genes with constant truth in one section
+    one = M.paired_bootstrap(d, over="sections", n_boot=500, seed=7)
+    assert one == M.paired_bootstrap(d, over="sections", n_boot=500, seed=7)
+    assert one != M.paired_bootstrap(d, over="sections", n_boot=500, seed=8)
+    assert one["n_sections"] == 6
+    assert one["ci_low"] < one["estimate"] < one["ci_high"]
+    means = [np.nanmean(row) for row in d]
+    assert one["estimate"] == pytest.approx(np.mean(means))
+    single = M.paired_bootstrap(d[:1], over="sections")
+    assert np.isnan(single["ci_low"])
+    assert np.isnan(single["ci_high"])
+    with pytest.raises(ValueError, match="n_boot"):
+        M.paired_bootstrap(d, n_boot=0)
+    with pytest.raises(ValueError, match="`over`"):
+        M.paired_bootstrap(d, over="spots")
+
+
+def test_compare_pcc_gene_rows():
+    rng = np.random.default_rng(4)
+    truth = rng.normal(size=(90, 60))
+    groups = np.repeat(["S1", "S2", "S3"], 30)
+    model = truth + rng.normal(size=truth.shape)
+    mean = np.tile(truth.mean(0), (90, 1))  # a constant baseline scores r = 0 in the comparison
+    rows = M.compare_pcc_gene(model, mean, truth, groups=groups, n_boot=300, seed=0)
+    assert [r["group"] for r in rows] == ["S1", "S2", "S3", "mean_over_sections", "pooled"]
+    s1 = rows[0]
+    ref = M.pcc_gene(model[:30], truth[:30])
+    assert s1["difference"] == pytest.approx(ref)
+    assert s1["pcc_gene"] == pytest.approx(ref)
+    assert s1["pcc_gene_other"] == 0.0
+    assert np.isnan(s1["ci_low_sections"])
+    headline = rows[3]
+    assert headline["difference"] == pytest.approx(np.mean([r["difference"] for r in rows[:3]]))
+    assert headline["ci_low_genes"] < headline["difference"] < headline["ci_high_genes"]
+    assert headline["ci_low_sections"] <= headline["difference"] <= headline["ci_high_sections"]
+    assert rows[4]["difference"] == pytest.approx(M.pcc_gene(model, truth))
+    with pytest.raises(ValueError, match="same shape"):
+        M.compare_pcc_gene(model, mean[:, :5], truth)
