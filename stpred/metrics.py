@@ -102,6 +102,34 @@ FRAC_NAME = "frac_genes_pcc_gt_0.3"
 
 Constant = Literal["exclude", "zero"]
 
+#: One line per reported quantity; copied into the protocol of every results table.
+DEFINITIONS = {
+    "mse": "mean of (pred - truth)^2 over all spot x gene entries",
+    "mae": "mean of |pred - truth| over all spot x gene entries",
+    "pcc_gene": "Pearson r of each gene across spots, averaged over genes (see constant rule)",
+    "pcc_spot": "Pearson r of each spot across genes, averaged over spots (same constant rule)",
+    "pcc_flat": "Pearson r over the flattened spot x gene matrix",
+    "r2_flat": "1 - SS_res/SS_tot over the flattened spot x gene matrix (one overall mean)",
+    "r2_gene": "R^2 of each gene across spots, averaged over genes with non-constant truth",
+    FRAC_NAME: "share of the genes with non-constant truth whose r > 0.3 (constant predictions count as r = 0)",
+    "n_genes_excluded": "genes left out of pcc_gene (constant truth, or constant prediction with constant='exclude')",
+    "n_genes_constant": "genes with varying truth whose prediction is (near-)constant: excluded or scored 0",
+    "n_spots_excluded": "spots left out of pcc_spot",
+    "n_genes_excluded_r2": "genes left out of r2_gene (constant truth)",
+    "hist_r2_flat": "HiST's R^2: r2_flat of max(expm1(pred), 0) against raw counts",
+    "hist_pcc_flat": "HiST's PCC: pcc_flat of max(expm1(pred), 0) against raw counts",
+    "pcc_gene_diff": (
+        "paired per-gene difference in r, model minus comparator (constant predictions scored 0), averaged over "
+        "genes; 95 % percentile bootstrap intervals over genes and over sections"
+    ),
+    "constant rule": (
+        "a prediction counts as constant when its sd <= 1e-5 * (|mean(pred)| + sd(truth)); truth when its sd <= "
+        "1e-5 * |mean(truth)|"
+    ),
+    "mean_over_sections": "unweighted mean of the per-section values: the headline",
+    "pooled": "the metric over the spots of all sections stacked; pcc_gene pooled rewards per-section offsets",
+}
+
 
 # --------------------------------------------------------------------------------------------------- validation
 def _as_float64(x: Any, *, name: str) -> np.ndarray:

@@ -266,7 +266,7 @@ def test_evaluate_matches_metrics(prepared):
     rng = np.random.default_rng(0)
     table.layers["noisy"] = (table.layers["target"] + rng.normal(0, 0.3, table.shape)).astype(np.float32)
     df = stpred.tl.evaluate(prepared, "noisy")
-    assert set(df["section"]) == {"S0", "S1", "S2", "pooled"}
+    assert set(df["section"]) == {"S0", "S1", "S2", "pooled", "mean_over_sections"}
     s1 = (table.obs["section"] == "S1").to_numpy()
     got = df[(df["section"] == "S1") & (df["metric"] == "pcc_gene")]["value"].item()
     assert got == pytest.approx(metrics.pcc_gene(table.layers["noisy"][s1], table.layers["target"][s1]))
