@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -13,6 +14,7 @@ from .._constants import PATIENT_KEY, SECTION_KEY, STPRED_TABLE, TARGET_LAYER, U
 from .._docs import doc_params, doc_sdata
 from .._provenance import plain, record, stpred_uns
 from .._validate import check_one_of, get_table
+from ._evaluate import MEAN_GROUP, POOLED_GROUP
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -44,11 +46,16 @@ class CVResult:
     folds
         One dict per fold: ``fold``, ``train``, ``test`` sections, ``test_patients``, validation rule.
     metrics
-        Tidy per-fold metrics (columns ``fold``, ``key``, ``section``, ``metric``, ``value``, ``n_spots``);
-        ``section == "pooled"`` rows pool the fold's test sections. Includes the training-mean baseline
-        (``key == "baseline_mean"``) when requested.
+        Tidy per-fold metrics (columns ``fold``, ``key``, ``section``, ``metric``, ``value``, ``n_spots``,
+        ``n_spots_nan``) as :func:`stpred.tl.evaluate` writes them: per test section, ``"mean_over_sections"`` (the
+        headline) and ``"pooled"`` (the fold's test spots stacked; pooled ``pcc_gene`` rewards per-section offsets).
+        Includes the training-mean baseline (``key == "baseline_mean"``) when requested, and then the paired
+        per-gene PCC difference model minus baseline (``metric == "pcc_gene_diff"``, columns ``comparator``,
+        ``ci_low_genes``, ``ci_high_genes``, ``ci_low_sections``, ``ci_high_sections``: 95 % bootstrap intervals).
+        ``metrics.attrs["protocol"]`` states the protocol.
     overall
-        Metrics of the out-of-fold predictions over every test spot (per section and pooled), same columns.
+        Metrics of the out-of-fold predictions over every test spot (per section, over sections and pooled), same
+        columns; the bootstrap over sections here resamples the test sections of all folds.
     key
         Layer holding the out-of-fold predictions.
     histories
@@ -69,19 +76,41 @@ class CVResult:
     histories: list[pd.DataFrame] = field(default_factory=list)
 
     def summary(self, *, key: str | None = None) -> pd.DataFrame:
-        """Mean and standard deviation over folds of each fold's pooled metrics (the papers' "final number")."""
-        frame = self.metrics[self.metrics["section"] == "pooled"]
+        """Mean and standard deviation over folds of each fold's headline metrics, with the pooled value beside.
+
+        ``mean``, ``std``, ``count``: over folds of each fold's ``"mean_over_sections"`` value (the headline);
+        ``pooled``: the mean over folds of each fold's ``"pooled"`` value (test spots of a fold stacked; the
+        papers' usual number, which rewards per-section offsets).
+        """
+        frame = self.metrics
         if key is not None:
             frame = frame[frame["key"] == key]
-        return frame.groupby(["key", "metric"])["value"].agg(["mean", "std", "count"]).reset_index()
+        head = frame[frame["section"] == MEAN_GROUP]
+        out = head.groupby(["key", "metric"], sort=False)["value"].agg(["mean", "std", "count"])
+        pooled = frame[frame["section"] == POOLED_GROUP].groupby(["key", "metric"], sort=False)["value"].mean()
+        out["pooled"] = pooled.reindex(out.index)
+        return out.reset_index()
+
+    def comparison(self) -> pd.DataFrame:
+        """Paired per-gene PCC differences (model minus baseline) with bootstrap intervals, over all test spots."""
+        return self.overall[self.overall["metric"] == "pcc_gene_diff"].reset_index(drop=True)
 
     def __repr__(self) -> str:
-        pooled = self.summary()
-        lines = [f"CVResult(model={self.model!r}, protocol={self.protocol['name']!r}, folds={len(self.folds)})"]
-        for k in pooled["key"].unique():
-            sub = pooled[(pooled["key"] == k) & pooled["metric"].isin(["mse", "pcc_gene", "pcc_spot"])]
-            parts = ", ".join(f"{r.metric}={r['mean']:.4f}" for _, r in sub.iterrows())
+        summary = self.summary()
+        lines = [
+            f"CVResult(model={self.model!r}, protocol={self.protocol['name']!r}, folds={len(self.folds)}); "
+            "mean over sections (pooled in brackets)"
+        ]
+        for k in summary["key"].unique():
+            sub = summary[(summary["key"] == k) & summary["metric"].isin(["mse", "pcc_gene", "n_genes_excluded"])]
+            parts = ", ".join(f"{r.metric}={r['mean']:.4f} ({r['pooled']:.4f})" for _, r in sub.iterrows())
             lines.append(f"  {k}: {parts}")
+        diffs = self.comparison()
+        for _, r in diffs[diffs["section"] == MEAN_GROUP].iterrows():
+            lines.append(
+                f"  {r['key']} - {r['comparator']}: pcc_gene_diff={r['value']:.4f} "
+                f"[genes {r['ci_low_genes']:.4f}, {r['ci_high_genes']:.4f}]"
+            )
         return "\n".join(lines)
 
 
@@ -96,6 +125,9 @@ def cross_validate(
     key_added: str | None = None,
     overwrite: bool = False,
     baseline: bool = True,
+    constant: Literal["exclude", "zero"] = "exclude",
+    n_boot: int = 1000,
+    bootstrap_seed: int = 0,
     table_key: str = STPRED_TABLE,
     progress: bool = True,
     **fit_kwargs: Any,
@@ -123,7 +155,15 @@ def cross_validate(
     overwrite
         Replace an existing layer of that name.
     baseline
-        Also score the training-mean baseline of every fold (predicts each gene's mean training target).
+        Also score the training-mean baseline of every fold (predicts each gene's mean training target) on the same
+        spots, with the paired per-gene PCC difference and its bootstrap intervals.
+    constant
+        How ``pcc_gene`` treats genes with a (near-)constant prediction: ``"exclude"`` (counted in
+        ``n_genes_excluded``) or ``"zero"`` (see :func:`stpred.tl.evaluate`).
+    n_boot
+        Bootstrap resamples of the paired differences.
+    bootstrap_seed
+        Seed of the bootstrap (``seed`` is passed to :func:`stpred.tl.fit`).
     table_key
         Name of the ``stpred`` table.
     progress
@@ -134,7 +174,7 @@ def cross_validate(
     Returns
     -------
     A :class:`CVResult` with per-fold and overall metrics and the protocol description (including whether the
-    gene panel was chosen with the test sections included).
+    gene panel was chosen with the test sections included, the transform, the folds and the metric definitions).
 
     Examples
     --------
@@ -145,13 +185,16 @@ def cross_validate(
     >>> result = stpred.tl.cross_validate(sdata, "hifusion", protocol="sample-specific", max_epochs=20)
     >>> result.summary()
     """
-    from ._evaluate import evaluate
+    from .. import metrics as _metrics
+    from ._evaluate import protocol as _protocol
     from ._fit import fit
     from ._inputs import target_matrix
     from ._splits import sample_specific_folds, slide_wise_folds
 
     table = get_table(sdata, table_key, made_by="pp.select_genes")
     check_one_of(protocol, _PROTOCOLS, name="protocol")
+    check_one_of(constant, ("exclude", "zero"), name="constant")
+    _metrics._check_boot(n_boot, 0.95)
     for forbidden in ("train", "val"):
         if forbidden in fit_kwargs:
             msg = f"`{forbidden}=` is set by the protocol in `cross_validate`; remove it."
@@ -169,9 +212,24 @@ def cross_validate(
         msg = f"Layer {key!r} already exists; pass `overwrite=True` to replace it or choose another `key_added`."
         raise ValueError(msg)
 
+    sections_col = table.obs[SECTION_KEY].astype(str).to_numpy()
+    method = dict(stpred_uns(table).get("normalize", {})).get("method")
+    raw = None
+    if method == "log1p":  # HiST's metric, as `evaluate(hist_metric="auto")`
+        raw = np.asarray(table.X.toarray() if hasattr(table.X, "toarray") else table.X, dtype=np.float64)
+    score = partial(
+        _score,
+        target=target,
+        sections=sections_col,
+        raw=raw,
+        baseline=baseline,
+        key=key,
+        constant=constant,
+        n_boot=n_boot,
+        seed=bootstrap_seed,
+    )
     selection = dict(stpred_uns(table).get("gene_selection", {}))
     gene_sections = selection.get("sections")
-    sections_col = table.obs[SECTION_KEY].astype(str).to_numpy()
     oof = np.full(table.shape, np.nan, dtype=np.float32)
     base = np.full(table.shape, np.nan, dtype=np.float32)
     fold_frames, histories = [], []
@@ -197,23 +255,12 @@ def cross_validate(
         oof[rows] = predictor.predict(sdata, test, table_key=table_key, progress=progress)
         train_rows = np.flatnonzero(np.isin(sections_col, fold["train"]))
         base[rows] = target[train_rows].mean(axis=0)
-        layers = {key: oof, "baseline_mean": base} if baseline else {key: oof}
-        for layer_key, values in layers.items():
-            fold_layer = np.full(table.shape, np.nan, dtype=np.float32)
-            fold_layer[rows] = values[rows]
-            frame = _score(table, fold_layer, layer_key)
-            fold_frames.append(frame.assign(fold=fold["fold"]))
+        fold_frames.append(score(rows, oof=oof, base=base).assign(fold=fold["fold"]))
 
-    table.layers[key] = oof
     metrics_frame = pd.concat(fold_frames, ignore_index=True)
-    overall = [evaluate(table, key, truth=TARGET_LAYER)]
-    if baseline:
-        table.layers["_stpred_baseline_tmp"] = base
-        try:
-            overall.append(evaluate(table, "_stpred_baseline_tmp").assign(key="baseline_mean"))
-        finally:
-            del table.layers["_stpred_baseline_tmp"]
-    overall_frame = pd.concat(overall, ignore_index=True)
+    tested = np.flatnonzero(np.isin(sections_col, [s for f in folds for s in f["test"]]))
+    overall_frame = score(tested, oof=oof, base=base)
+    table.layers[key] = oof
     description = {
         "name": protocol,
         "description": _PROTOCOLS[protocol],
@@ -222,6 +269,25 @@ def cross_validate(
         "gene_panel_includes_test_sections": bool(panel_with_test),
         "gene_selection_sections": gene_sections if gene_sections is not None else "all",
     }
+    scored = list(dict.fromkeys(sections_col[tested].tolist()))
+    info = _protocol(
+        table,
+        key,
+        scored=scored,
+        truth=TARGET_LAYER,
+        constant=constant,
+        nan="raise",
+        compare=["baseline_mean"] if baseline else [],
+        n_boot=n_boot,
+        seed=bootstrap_seed,
+        train_sections=sorted({s for f in folds for s in f["train"]}),
+    )
+    info["split"]["folds"] = {str(f["fold"]): {"train": f["train"], "test": f["test"]} for f in folds}
+    description.update({k: info[k] for k in ("genes", "transform", "split", "constant", "headline", "metrics")})
+    if baseline:
+        description["bootstrap"] = info["bootstrap"]
+    metrics_frame.attrs["protocol"] = description
+    overall_frame.attrs["protocol"] = description
     result = CVResult(
         model=name,
         protocol=description,
@@ -243,13 +309,39 @@ def cross_validate(
     return result
 
 
-def _score(table: Any, layer: np.ndarray, key: str) -> pd.DataFrame:
-    from ._evaluate import evaluate
+def _score(
+    rows: np.ndarray,
+    *,
+    oof: np.ndarray,
+    base: np.ndarray,
+    target: np.ndarray,
+    sections: np.ndarray,
+    raw: np.ndarray | None,
+    baseline: bool,
+    key: str,
+    constant: Literal["exclude", "zero"],
+    n_boot: int,
+    seed: int,
+) -> pd.DataFrame:
+    """Score the out-of-fold predictions (and the baseline) of ``rows``, per section, over sections and pooled."""
+    from ._evaluate import score_arrays
 
-    tmp = "_stpred_cv_tmp"
-    table.layers[tmp] = layer
-    try:
-        frame = evaluate(table, tmp, hist_metric="auto")
-    finally:
-        del table.layers[tmp]
-    return frame.assign(key=key)
+    pred = oof[rows].astype(np.float64)
+    bad = ~np.isfinite(pred).all(axis=1)
+    if bad.any():
+        where = sorted(set(sections[rows][bad].tolist()))
+        msg = f"The model predicted NaN or infinite values for {int(bad.sum())} test spot(s) (sections {where})."
+        raise ValueError(msg)
+    preds = {key: pred, "baseline_mean": base[rows].astype(np.float64)} if baseline else {key: pred}
+    frame = score_arrays(
+        preds,
+        target[rows].astype(np.float64),
+        labels=sections[rows],
+        raw=raw[rows] if raw is not None else None,
+        constant=constant,
+        compare=[(key, "baseline_mean")] if baseline else [],
+        n_boot=n_boot,
+        seed=seed,
+    )
+    frame[SECTION_KEY] = frame["group"]
+    return frame
