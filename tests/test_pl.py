@@ -13,7 +13,7 @@ import stpred
 from stpred import metrics
 from stpred.pl._domains import domains_data
 from stpred.pl._history import best_epochs, history_data
-from stpred.pl._scores import gene_scores_data, scores_data
+from stpred.pl._scores import difference_data, gene_scores_data, scores_data
 from stpred.pl._spatial import spatial_data
 from stpred.pl._utils import choose_level, section_image, should_show
 
@@ -223,6 +223,58 @@ def test_scores_renders():
     ax = stpred.pl.scores(frame, by="section", hue="key", metric="mse")
     assert len(ax.patches) == 3 * 2
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {"stpred_a", "stpred_b"}
+
+
+def _compared() -> pd.DataFrame:
+    """`tl.evaluate(..., compare=[...])` on a hand-made table: a model and a constant baseline, three sections."""
+    from anndata import AnnData
+
+    rng = np.random.default_rng(5)
+    target = rng.normal(size=(90, 40)).astype(np.float32)
+    obs = pd.DataFrame({"section": np.repeat(["S0", "S1", "S2"], 30)}, index=[f"c{i}" for i in range(90)])
+    table = AnnData(X=np.abs(target), obs=obs)
+    table.layers["target"] = target
+    table.layers["stpred_m"] = target + rng.normal(size=target.shape).astype(np.float32)
+    table.layers["baseline_mean"] = np.broadcast_to(target.mean(0), target.shape).copy()
+    return stpred.tl.evaluate(table, "stpred_m", compare=["baseline_mean"], n_boot=100)
+
+
+def test_scores_data_skips_headline_rows():
+    frame = _compared()
+    summary, points = scores_data(frame, metric="pcc_gene")
+    assert set(points["section"]) == {"S0", "S1", "S2"}
+    model = summary.set_index("key").loc["stpred_m"]
+    assert model["n"] == 3
+    headline = frame.query("key == 'stpred_m' and section == 'mean_over_sections' and metric == 'pcc_gene'")
+    assert model["mean"] == pytest.approx(headline["value"].item())
+    with pytest.raises(ValueError, match="kind='difference'"):
+        scores_data(frame, metric="pcc_gene_diff")
+
+
+def test_difference_data_and_plot():
+    frame = _compared()
+    data = difference_data(frame)
+    assert list(data["group"]) == ["S0", "S1", "S2", "mean_over_sections", "pooled"]
+    assert set(data["comparator"]) == {"baseline_mean"}
+    head = data.iloc[3]
+    assert head["ci_low_genes"] < head["value"] < head["ci_high_genes"]
+    assert np.isfinite(head["ci_low_sections"])
+
+    class Result:  # CVResult-like: the comparison is read from `overall`
+        metrics = frame.iloc[:0]
+        overall = frame
+
+    pd.testing.assert_frame_equal(difference_data(Result()), data)
+    with pytest.raises(KeyError, match="No comparison for key 'x'"):
+        difference_data(frame, key="x")
+    with pytest.raises(ValueError, match="compare="):
+        difference_data(frame[frame["metric"] != "pcc_gene_diff"])
+    ax = stpred.pl.scores(frame, kind="difference")
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["S0", "S1", "S2", "mean over\nsections", "pooled"]
+    labels = {t.get_text() for t in ax.get_legend().get_texts()}
+    assert labels == {"stpred_m − baseline_mean", "95 % CI over sections"}
+    with pytest.raises(ValueError, match="Unknown kind"):
+        stpred.pl.scores(frame, kind="scatter")
 
 
 def test_gene_scores(sd):

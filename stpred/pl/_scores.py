@@ -1,4 +1,4 @@
-"""Scores: per-model bars from ``tl.evaluate`` / ``tl.cross_validate`` results, best and worst genes."""
+"""Scores: per-model bars and paired differences from ``tl.evaluate`` / ``tl.cross_validate``; best and worst genes."""
 
 from __future__ import annotations
 
@@ -31,7 +31,11 @@ _AXIS_LABELS = {
     "r2_flat": "R² (flattened)",
     "mse": "MSE",
     "mae": "MAE",
+    "frac_genes_pcc_gt_0.3": "share of genes with r > 0.3",
 }
+#: ``group`` values that are not sections.
+_SUMMARY_GROUPS = ("pooled", "mean_over_sections")
+_DIFF_METRIC = "pcc_gene_diff"
 
 
 def _metrics_frame(result: Any) -> pd.DataFrame:
@@ -72,7 +76,8 @@ def scores_data(
         One row per ``by`` (and ``hue``) group with columns ``mean``, ``sd`` (over sections, ``ddof=1``; 0 for one
         section), ``n`` (number of defined section values; NaN values, e.g. the PCC of a constant prediction, are
         skipped) and ``pooled`` (the ``"pooled"`` value, averaged over folds when
-        there are several; NaN when absent), in order of first appearance.
+        there are several; NaN when absent), in order of first appearance. ``"mean_over_sections"`` rows of the
+        input are not sections and are left out (``mean`` recomputes them).
     points
         The per-section rows that make up each bar (columns of the input; the group column is ``by``).
     """
@@ -88,7 +93,10 @@ def scores_data(
     if metric not in available:
         msg = f"Unknown metric {metric!r}; the frame has {available}."
         raise ValueError(msg)
-    frame = frame[frame["metric"] == metric]
+    if metric == _DIFF_METRIC:
+        msg = f"Draw {_DIFF_METRIC!r} with `stpred.pl.scores(result, kind='difference')`."
+        raise ValueError(msg)
+    frame = frame[(frame["metric"] == metric) & (frame[section].astype(str) != "mean_over_sections")]
     keys = [by] if hue is None or hue == by else [by, hue]
     for k in keys:
         frame[k] = frame[k].astype(str)
@@ -103,6 +111,105 @@ def scores_data(
     return summary.reset_index(), points.reset_index(drop=True)
 
 
+def difference_data(result: Any, *, key: str | None = None) -> pd.DataFrame:
+    """Data behind ``scores(kind="difference")``: the paired per-gene PCC differences with their intervals.
+
+    Parameters
+    ----------
+    result
+        A tidy frame from :func:`stpred.tl.evaluate` called with ``compare=``, or a :class:`stpred.tl.CVResult`
+        (its ``overall`` frame: every test spot of every fold).
+    key
+        Keep only this model layer (``None``: all).
+
+    Returns
+    -------
+    One row per model, comparator and group with columns ``key``, ``comparator``, ``group``, ``value`` (mean paired
+    difference, model minus comparator), ``ci_low_genes``, ``ci_high_genes``, ``ci_low_sections``,
+    ``ci_high_sections``, ``n_spots``; sections first (in order of appearance), then ``"mean_over_sections"`` (the
+    headline), then ``"pooled"``.
+    """
+    frame = getattr(result, "overall", None)
+    frame = _metrics_frame(result if frame is None else frame)
+    group = "group" if "group" in frame.columns else "section"
+    diff = frame[frame["metric"] == _DIFF_METRIC]
+    if diff.empty or "comparator" not in diff.columns:
+        msg = (
+            f"The metrics frame has no {_DIFF_METRIC!r} rows; run `stpred.tl.evaluate(sdata, key, "
+            "compare=[...])` or `stpred.tl.cross_validate(..., baseline=True)`."
+        )
+        raise ValueError(msg)
+    if key is not None:
+        if key not in set(diff["key"]):
+            msg = f"No comparison for key {key!r}; found {sorted(set(diff['key']))}."
+            raise KeyError(msg)
+        diff = diff[diff["key"] == key]
+    columns = ["key", "comparator", group, "value", "ci_low_genes", "ci_high_genes", "ci_low_sections"]
+    columns += ["ci_high_sections", "n_spots"]
+    out = diff[columns].rename(columns={group: "group"}).copy()
+    out["group"] = out["group"].astype(str)
+    sections = [g for g in dict.fromkeys(out["group"]) if g not in _SUMMARY_GROUPS]
+    rank = {g: i for i, g in enumerate([*sections, "mean_over_sections", "pooled"])}
+    pairs = {p: i for i, p in enumerate(dict.fromkeys(zip(out["key"], out["comparator"], strict=True)))}
+    out["_pair"] = [pairs[p] for p in zip(out["key"], out["comparator"], strict=True)]
+    out["_rank"] = out["group"].map(rank)
+    out = out.sort_values(["_pair", "_rank"], kind="stable").drop(columns=["_pair", "_rank"])
+    return out.reset_index(drop=True)
+
+
+def _draw_difference(data: pd.DataFrame, ax: Axes | None) -> tuple[Figure, Axes]:
+    groups = list(dict.fromkeys(data["group"]))
+    pairs = list(dict.fromkeys(zip(data["key"], data["comparator"], strict=True)))
+    fig, ax = new_axes(ax, figsize=(max(3.5, 0.8 * len(groups) + 2.0), 3.6))
+    import matplotlib as mpl
+
+    palette = mpl.colormaps["tab10"].colors
+    width = 0.7 / len(pairs)
+    sections_ci_drawn = False
+    for i, (key, comparator) in enumerate(pairs):
+        sub = data[(data["key"] == key) & (data["comparator"] == comparator)]
+        x = np.array([groups.index(g) for g in sub["group"]]) - 0.35 + width * (i + 0.5)
+        v = sub["value"].to_numpy(dtype=float)
+        lo, hi = sub["ci_low_genes"].to_numpy(dtype=float), sub["ci_high_genes"].to_numpy(dtype=float)
+        color = palette[i % len(palette)]
+        ax.errorbar(
+            x,
+            v,
+            yerr=np.vstack([v - lo, hi - v]),
+            fmt="o",
+            color=color,
+            capsize=3,
+            lw=1.2,
+            label=f"{key} − {comparator}",
+            zorder=3,
+        )
+        s_lo, s_hi = sub["ci_low_sections"].to_numpy(dtype=float), sub["ci_high_sections"].to_numpy(dtype=float)
+        finite = np.isfinite(s_lo) & np.isfinite(s_hi)
+        if finite.any():
+            ax.errorbar(
+                x[finite] + 0.12 * width,
+                v[finite],
+                yerr=np.vstack([v[finite] - s_lo[finite], s_hi[finite] - v[finite]]),
+                fmt="none",
+                ecolor=color,
+                elinewidth=0.8,
+                capsize=2,
+                linestyle=":",
+                zorder=2,
+                label=None if sections_ci_drawn else "95 % CI over sections",
+            )
+            sections_ci_drawn = True
+    ax.axhline(0, color="grey", lw=0.8, zorder=0)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([g.replace("mean_over_sections", "mean over\nsections") for g in groups])
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_ylabel("Δ PCC per gene (model − comparator)")
+    ax.set_title("paired per-gene PCC difference, 95 % bootstrap CI over genes", fontsize="medium")
+    ax.legend(fontsize="small", frameon=False, loc="best")
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig, ax
+
+
 @doc_params(show_save=doc_show_save)
 def scores(
     result: Any,
@@ -110,15 +217,22 @@ def scores(
     metric: str = "pcc_gene",
     by: str = "model",
     hue: str | None = None,
+    kind: Literal["bars", "difference"] = "bars",
+    key: str | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
 ) -> Axes | None:
-    """Bar chart of one metric per model (or any group) with its spread over sections.
+    """Bar chart of one metric per model (or any group) with its spread over sections, or the paired comparison.
 
-    Each bar is the mean over the per-section values, the error bar their standard deviation, the dots the
-    sections themselves, and the diamond the value on all test spots pooled (the papers' usual number; averaged
-    over folds for a cross-validation).
+    ``kind="bars"``: each bar is the mean over the per-section values (the headline), the error bar their standard
+    deviation, the dots the sections themselves, and the diamond the value on all test spots pooled (the papers'
+    usual number, which rewards per-section offsets; averaged over folds for a cross-validation).
+
+    ``kind="difference"``: the paired per-gene PCC difference of each model and comparator (from
+    ``tl.evaluate(..., compare=[...])`` or a cross-validation with its training-mean baseline) per section, over
+    sections (the headline) and pooled, with 95 % bootstrap intervals over genes (solid) and over sections
+    (dotted, for the mean over sections); a difference whose interval excludes 0 is a real gain or loss.
 
     Parameters
     ----------
@@ -133,6 +247,10 @@ def scores(
     hue
         Optional second column: grouped bars of different colours within each ``by`` group (e.g. ``by="section",
         hue="key"``).
+    kind
+        ``"bars"`` or ``"difference"`` (``metric``, ``by`` and ``hue`` are not used then).
+    key
+        With ``kind="difference"``: only this model layer (``None``: every compared layer).
     ax
         Axes to draw on; ``None`` creates a figure.
     {show_save}
@@ -140,7 +258,20 @@ def scores(
     Returns
     -------
     The axes, or ``None`` when the figure was shown.
+
+    Examples
+    --------
+    >>> scores = stpred.tl.evaluate(sdata, "stpred_hist", compare=["baseline_mean"])
+    >>> stpred.pl.scores(scores)
+    >>> stpred.pl.scores(scores, kind="difference")
     """
+    check_one_of(kind, ("bars", "difference"), name="kind")
+    if kind == "difference":
+        fig, ax = _draw_difference(difference_data(result, key=key), ax)
+        return finish(fig, ax, show=show, save=save)
+    if key is not None:
+        msg = "`key=` selects a model of `kind='difference'`; for bars, filter the frame instead."
+        raise TypeError(msg)
     summary, points = scores_data(result, metric=metric, by=by, hue=hue)
     by = summary.columns[0]
     hue_col = summary.columns[1] if hue is not None and hue != by else None
