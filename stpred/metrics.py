@@ -68,7 +68,6 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "CONSTANT_RTOL",
     "compare_pcc_gene",
     "compute_all",
     "hist_metrics",
