@@ -22,9 +22,10 @@ name                 definition                                                 
                                                                                             :func:`hist_metrics`)
 ``r2_flat``          R² = 1 - SS_res / SS_tot over the flattened spot x gene matrix         HiST (on counts)
 ``r2_gene``          R² per gene, averaged over the genes with non-constant truth           HEST-Benchmark (quartiles)
-``frac_genes_pcc_    share of the genes with non-constant truth whose r > 0.3 (a gene with  HEST-Benchmark (counts of
-gt_0.3``             a near-constant prediction does not count as above 0.3)                genes above a threshold)
 ===================  =====================================================================  ==========================
+
+:func:`compute_all` also reports ``frac_genes_pcc_gt_0.3``: the share of the genes with non-constant truth whose
+r > 0.3 (a gene with a near-constant prediction does not count as above 0.3, whatever ``constant`` is).
 
 **Constant and near-constant predictions.** A prediction that does not vary has no correlation. A slice (a gene
 across spots, or a spot across genes) of the prediction counts as constant when its standard deviation is at most
