@@ -132,3 +132,17 @@ def test_protocol_in_attrs_and_uns():
     stored = table.uns["stpred"]["evaluations"]["stpred_m"]
     assert stored["split"]["scored_sections"] == ["S1", "S2"]
     assert stored["compared_with"] == ["baseline_mean"]
+
+
+def test_other_groupings():
+    table = _table()
+    pooled_only = stpred.tl.evaluate(table, "stpred_m", groupby=None, compare="baseline_mean", n_boot=50)
+    assert set(pooled_only["group"]) == {"pooled"}
+    assert pooled_only.query("metric == 'pcc_gene_diff'")["value"].item() == pytest.approx(
+        _value(pooled_only, "stpred_m", "pooled", "pcc_gene")
+    )
+    table.obs["half"] = np.where(np.arange(table.n_obs) % 2 == 0, "even", "odd")
+    by_half = stpred.tl.evaluate(table, "stpred_m", groupby="half")
+    assert list(dict.fromkeys(by_half["half"])) == ["even", "odd", "pooled", "mean_over_half"]
+    with pytest.raises(KeyError, match="No column 'nope'"):
+        stpred.tl.evaluate(table, "stpred_m", groupby="nope")
