@@ -280,9 +280,13 @@ def cross_validate(
         compare=["baseline_mean"] if baseline else [],
         n_boot=n_boot,
         seed=bootstrap_seed,
-        train_sections=sorted({s for f in folds for s in f["train"]}),
+        train_sections=[],
     )
-    info["split"]["folds"] = {str(f["fold"]): {"train": f["train"], "test": f["test"]} for f in folds}
+    info["split"] = {  # no fold scores its own training sections, by construction
+        "rule": _PROTOCOLS[protocol],
+        "folds": {str(f["fold"]): {"train": f["train"], "test": f["test"]} for f in folds},
+        "scored_sections": scored,
+    }
     description.update({k: info[k] for k in ("genes", "transform", "split", "constant", "headline", "metrics")})
     if baseline:
         description["bootstrap"] = info["bootstrap"]
