@@ -63,3 +63,157 @@ def test_legacy_st_spot_pitch_override_and_implausible_scale_warning(tmp_path):
         stpred.io.read_legacy_st(*paths, section="T", spot_pitch_um=800)
     with pytest.raises(ValueError, match="Expected `spot_pitch_um` to be a positive number"):
         stpred.io.read_legacy_st(*paths, section="T", spot_pitch_um=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Xenium: a SpatialData with the element layout of spatialdata_io.xenium, built in memory
+# ---------------------------------------------------------------------------------------------------------------------
+PIXEL_SIZE = 0.5  # µm per morphology pixel
+ALIGNMENT = np.array([[2.0, 0.0, 10.0], [0.0, 2.0, 20.0], [0.0, 0.0, 1.0]])  # H&E pixels -> morphology pixels
+
+
+def _xenium_like(*, he: bool = True, morphology: bool = False, n_cells: int = 300):
+    import anndata as ad
+    from scipy import sparse
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Affine, Identity, Scale
+
+    rng = np.random.default_rng(1)
+    xy = np.c_[rng.uniform(0, 300, n_cells), rng.uniform(0, 200, n_cells)]  # µm
+    ids = [f"cell{i:04d}" for i in range(n_cells)]
+    counts = sparse.random(n_cells, 5, density=0.5, random_state=1, format="csr", data_rvs=lambda k: rng.integers(1, 9, k))
+    table = ad.AnnData(
+        X=counts.astype(np.float32),
+        obs=pd.DataFrame({"cell_id": ids, "region": pd.Categorical(["cell_circles"] * n_cells)}, index=ids),
+        var=pd.DataFrame({"gene_ids": [f"ENSG{i}" for i in range(5)]}, index=["EPCAM", "KRT8", "PTPRC", "ACTA2", "MKI67"]),
+    )
+    table.obsm["spatial"] = xy
+    table = TableModel.parse(table, region="cell_circles", region_key="region", instance_key="cell_id")
+    circles = ShapesModel.parse(
+        xy, geometry=0, radius=np.full(n_cells, 5.0), index=pd.Index(ids, name="cell_id"),
+        transformations={"global": Scale([1 / PIXEL_SIZE, 1 / PIXEL_SIZE], axes=("x", "y"))},
+    )
+    images = {}
+    if he:
+        pixels = rng.integers(0, 256, (3, 200, 300), dtype=np.uint8)
+        images["he_image"] = Image2DModel.parse(
+            pixels, dims=("c", "y", "x"), c_coords=["r", "g", "b"],
+            transformations={"global": Affine(ALIGNMENT, input_axes=("x", "y"), output_axes=("x", "y"))},
+        )
+    if morphology:
+        dapi = rng.integers(0, 4000, (4, 400, 600), dtype=np.uint16)
+        images["morphology_focus"] = Image2DModel.parse(
+            dapi, dims=("c", "y", "x"), scale_factors=[2], transformations={"global": Identity()}
+        )
+    return SpatialData(images=images, shapes={"cell_circles": circles}, tables={"table": table}), xy, counts
+
+
+def _expected_pool(xy: np.ndarray, counts, size: float) -> pd.DataFrame:
+    origin = xy.min(axis=0)
+    grid = np.floor((xy - origin) / size).astype(int)
+    frame = pd.DataFrame(counts.toarray(), index=[f"X_{x}x{y}" for x, y in grid])
+    return frame.groupby(level=0).sum()
+
+
+def test_xenium_pseudospots_pool_cells_onto_the_aligned_he(assert_contract):
+    cells, xy, counts = _xenium_like()
+    sdata = stpred.io.xenium_pseudospots(cells, spot_size_um=100, section="X")
+    assert_contract(sdata)
+    table = sdata.tables["table"]
+    expected = _expected_pool(xy, counts, 100.0)
+    assert sorted(table.obs_names) == sorted(expected.index)
+    np.testing.assert_array_equal(table.X.toarray(), expected.loc[table.obs_names].to_numpy())
+    assert table.obs["n_cells"].sum() == len(xy)
+    assert table.var_names.tolist() == ["EPCAM", "KRT8", "PTPRC", "ACTA2", "MKI67"]
+    assert table.var["gene_ids"].tolist()[0] == "ENSG0"
+    # square centres (µm) -> morphology px (÷ 0.5) -> H&E px (inverse alignment)
+    origin = xy.min(axis=0)
+    centres_um = origin + (table.obs[["array_x", "array_y"]].to_numpy() + 0.5) * 100.0
+    expected_px = (centres_um / PIXEL_SIZE - ALIGNMENT[:2, 2]) / 2.0
+    np.testing.assert_allclose(table.obsm["spatial"], expected_px)
+    uns = table.uns["stpred"]
+    assert uns["mpp"]["X"] == pytest.approx(1.0)  # 0.5 µm morphology pixels, H&E pixels twice as large
+    assert uns["pitch_um"]["X"] == uns["spot_diameter_um"]["X"] == 100.0
+    assert uns["technology"]["X"] == "xenium"
+    assert uns["image"] == {"X": "he_image"}
+    np.testing.assert_allclose(sdata.shapes["X_spots"]["radius"], 50.0)
+    np.testing.assert_array_equal(
+        sdata.images["X_hne"]["scale0"]["image"].values, cells.images["he_image"].values
+    )
+    # the user's object is untouched
+    assert sorted(cells.images) == ["he_image"]
+    assert cells.tables["table"].n_obs == len(xy)
+
+
+def test_xenium_pseudospots_size_and_min_cells():
+    cells, xy, counts = _xenium_like()
+    small = stpred.io.xenium_pseudospots(cells, spot_size_um=50, section="X").tables["table"]
+    expected = _expected_pool(xy, counts, 50.0)
+    assert small.n_obs == len(expected)
+    dense = stpred.io.xenium_pseudospots(cells, spot_size_um=50, section="X", min_cells=3).tables["table"]
+    assert (dense.obs["n_cells"] >= 3).all()
+    assert dense.n_obs == int((small.obs["n_cells"] >= 3).sum())
+
+
+def test_xenium_pseudospots_morphology_fallback_is_grey_rgb():
+    cells, _, _ = _xenium_like(he=False, morphology=True)
+    with pytest.warns(UserWarning, match="not an 8-bit RGB H&E image"):
+        sdata = stpred.io.xenium_pseudospots(cells, section="X")
+    image = sdata.images["X_hne"]["scale0"]["image"]
+    assert image.shape == (3, 400, 600)
+    assert image.dtype == np.uint8
+    assert sdata.tables["table"].uns["stpred"]["mpp"]["X"] == pytest.approx(PIXEL_SIZE)
+
+
+def test_xenium_pseudospots_bad_input_leaves_object_unchanged():
+    cells, _, _ = _xenium_like()
+    table = cells.tables["table"]
+    del table.obsm["spatial"]
+    with pytest.raises(ValueError, match=r"table 'table' has no cell centroids: expected `obsm\['spatial'\]`"):
+        stpred.io.xenium_pseudospots(cells, section="X")
+    assert "spatial" not in table.obsm
+    assert sorted(cells.images) == ["he_image"]
+    cells, _, _ = _xenium_like()
+    del cells.shapes["cell_circles"]
+    with pytest.raises(ValueError, match=r"Pass `pixel_size_um=`"):
+        stpred.io.xenium_pseudospots(cells, section="X")
+    with pytest.raises(KeyError, match=r"No image 'he' in `sdata.images`"):
+        stpred.io.xenium_pseudospots(cells, section="X", image_key="he", pixel_size_um=PIXEL_SIZE)
+    with pytest.raises(ValueError, match="Expected `spot_size_um` to be a positive number"):
+        stpred.io.xenium_pseudospots(cells, spot_size_um=0, pixel_size_um=PIXEL_SIZE)
+
+
+def test_read_xenium_reads_the_he_and_alignment_files(tmp_path, monkeypatch):
+    import json
+
+    import spatialdata_io
+    import tifffile
+
+    cells, xy, counts = _xenium_like(he=False, morphology=True)
+    root = tmp_path / "X"
+    root.mkdir()
+    (root / "experiment.xenium").write_text(json.dumps({"pixel_size": PIXEL_SIZE}))
+    pixels = np.random.default_rng(2).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    tifffile.imwrite(root / "X_he_image.ome.tif", pixels)
+    np.savetxt(root / "X_he_image_alignment.csv", ALIGNMENT, delimiter=",")
+    calls = {}
+
+    def fake_xenium(path, **kwargs):
+        calls.update(kwargs)
+        return cells
+
+    monkeypatch.setattr(spatialdata_io, "xenium", fake_xenium)
+    sdata = stpred.io.read_xenium(root, he_image_file="X_he_image.ome.tif", alignment_file="X_he_image_alignment.csv")
+    assert calls["transcripts"] is False
+    assert calls["cells_table"] is True
+    table = sdata.tables["table"]
+    assert table.uns["stpred"]["mpp"]["X"] == pytest.approx(1.0)
+    np.testing.assert_array_equal(sdata.images["X_hne"]["scale0"]["image"].values, np.moveaxis(pixels, -1, 0))
+    origin = xy.min(axis=0)
+    centres_um = origin + (table.obs[["array_x", "array_y"]].to_numpy() + 0.5) * 100.0
+    np.testing.assert_allclose(table.obsm["spatial"], (centres_um / PIXEL_SIZE - ALIGNMENT[:2, 2]) / 2.0)
+    with pytest.raises(FileNotFoundError, match="The alignment file .*missing.csv' does not exist"):
+        stpred.io.read_xenium(root, he_image_file="X_he_image.ome.tif", alignment_file="missing.csv")
+    with pytest.raises(FileNotFoundError, match="No 'experiment.xenium'"):
+        stpred.io.read_xenium(tmp_path)
