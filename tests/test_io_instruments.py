@@ -217,3 +217,134 @@ def test_read_xenium_reads_the_he_and_alignment_files(tmp_path, monkeypatch):
         stpred.io.read_xenium(root, he_image_file="X_he_image.ome.tif", alignment_file="missing.csv")
     with pytest.raises(FileNotFoundError, match="No 'experiment.xenium'"):
         stpred.io.read_xenium(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Visium HD: a tiny Space Ranger folder with 8 and 16 µm bins, as spatialdata_io.visium_hd reads it
+# ---------------------------------------------------------------------------------------------------------------------
+HD_MPP = 0.5  # µm per full-resolution pixel
+HD_HIRES = 0.5  # tissue_hires_scalef
+
+
+def _write_10x_h5(path: Path, counts, barcodes: list[str], genes: list[str], ids: list[str]) -> None:
+    import h5py
+    from scipy import sparse
+
+    matrix = sparse.csc_matrix(counts.T)
+    with h5py.File(path, "w") as f:
+        group = f.create_group("matrix")
+        group["barcodes"] = np.array(barcodes, dtype="S")
+        group["data"] = matrix.data.astype(np.int32)
+        group["indices"] = matrix.indices.astype(np.int64)
+        group["indptr"] = matrix.indptr.astype(np.int64)
+        group["shape"] = np.array(matrix.shape, dtype=np.int32)
+        features = group.create_group("features")
+        features["id"] = np.array(ids, dtype="S")
+        features["name"] = np.array(genes, dtype="S")
+        features["feature_type"] = np.array(["Gene Expression"] * len(genes), dtype="S")
+        features["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
+        features["_all_tag_keys"] = np.array([b"genome"])
+
+
+def _write_visium_hd(root: Path, *, sizes=(8, 16), side_um: int = 80) -> dict:
+    import json
+
+    import h5py
+
+    rng = np.random.default_rng(3)
+    (root / "spatial").mkdir(parents=True)
+    with h5py.File(root / "feature_slice.h5", "w") as f:
+        f.attrs["metadata_json"] = json.dumps({"hd_layout_json": json.dumps({"file_format": "1.0"})})
+    full = int(side_um / HD_MPP) + 40
+    image = rng.integers(0, 256, (full, full, 3), dtype=np.uint8)
+    Image.fromarray(image[:: int(1 / HD_HIRES), :: int(1 / HD_HIRES)]).save(root / "spatial" / "tissue_hires_image.png")
+    Image.fromarray(image[::8, ::8]).save(root / "spatial" / "tissue_lowres_image.png")
+    genes, ids = ["EPCAM", "KRT8", "MT-CO1", "KRT8", "ACTB"], [f"ENSG{i}" for i in range(5)]
+    truth = {"image": image}
+    for size in sizes:
+        n_side = side_um // size
+        rows, cols = np.divmod(np.arange(n_side * n_side), n_side)
+        barcodes = [f"s_{size:03d}um_{r:05d}_{c:05d}-1" for r, c in zip(rows, cols)]
+        counts = rng.integers(0, 4, (len(barcodes), len(genes)))
+        folder = root / "binned_outputs" / f"square_{size:03d}um"
+        (folder / "spatial").mkdir(parents=True)
+        _write_10x_h5(folder / "filtered_feature_bc_matrix.h5", counts, barcodes, genes, ids)
+        px = size / HD_MPP
+        positions = pd.DataFrame(
+            {
+                "barcode": barcodes,
+                "in_tissue": np.ones(len(barcodes), dtype=np.int32),
+                "array_row": rows,
+                "array_col": cols,
+                "pxl_row_in_fullres": 20 + (rows + 0.5) * px,
+                "pxl_col_in_fullres": 20 + (cols + 0.5) * px,
+            }
+        )
+        positions.to_parquet(folder / "spatial" / "tissue_positions.parquet", index=False)
+        scalefactors = {
+            "spot_diameter_fullres": size / HD_MPP,
+            "bin_size_um": float(size),
+            "microns_per_pixel": HD_MPP,
+            "tissue_hires_scalef": HD_HIRES,
+            "tissue_lowres_scalef": 0.125,
+            "fiducial_diameter_fullres": 100.0,
+            "regist_target_img_scalef": HD_HIRES,
+        }
+        (folder / "spatial" / "scalefactors_json.json").write_text(json.dumps(scalefactors))
+        if size == sizes[0]:
+            (root / "spatial" / "scalefactors_json.json").write_text(json.dumps(scalefactors))
+        truth[size] = {"counts": counts, "barcodes": barcodes, "xy": positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy()}
+    return truth
+
+
+@pytest.fixture(scope="module")
+def hd_folder(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("hd") / "HD1"
+    return root, _write_visium_hd(root)
+
+
+@pytest.mark.filterwarnings("ignore:`load_segmentations_only`:FutureWarning")
+@pytest.mark.parametrize("size", [8, 16])
+def test_read_visium_hd_bins_are_spots(hd_folder, size, assert_contract):
+    root, truth = hd_folder
+    sdata = stpred.io.read_visium_hd(root, bin_size=size)
+    assert_contract(sdata)
+    table = sdata.tables["table"]
+    assert table.obs_names.tolist() == [f"HD1_{b}" for b in truth[size]["barcodes"]]
+    np.testing.assert_array_equal(table.X.toarray(), truth[size]["counts"])
+    assert table.var_names.tolist() == ["EPCAM", "KRT8", "MT-CO1", "KRT8-1", "ACTB"]
+    assert table.var["gene_ids"].tolist() == [f"ENSG{i}" for i in range(5)]
+    np.testing.assert_allclose(table.obsm["spatial"], truth[size]["xy"] * HD_HIRES)
+    uns = table.uns["stpred"]
+    assert uns["mpp"]["HD1"] == pytest.approx(HD_MPP / HD_HIRES)
+    assert uns["pitch_um"]["HD1"] == uns["spot_diameter_um"]["HD1"] == size
+    assert uns["technology"]["HD1"] == "visium_hd"
+    assert uns["image"] == {"HD1": "hires"}
+    assert uns["spot_shape"] == {"HD1": "square"}
+    # a bin of `size` µm is `size / mpp` hires pixels wide
+    np.testing.assert_allclose(sdata.shapes["HD1_spots"]["radius"], size / (HD_MPP / HD_HIRES) / 2)
+
+
+@pytest.mark.filterwarnings("ignore:`load_segmentations_only`:FutureWarning")
+def test_visium_hd_bins_run_through_pp(hd_folder):
+    root, truth = hd_folder
+    sdata = stpred.io.read_visium_hd(root, bin_size=8, section="B")
+    stpred.pp.select_genes(sdata, n_top=3, exclude="MT-")
+    assert "MT-CO1" not in sdata.tables["stpred"].var_names
+    stpred.pp.normalize(sdata)
+    bank = stpred.pp.extract_patches(sdata, size=8, context_size=None, progress=False)
+    assert bank.spot.shape == (100, 3, 8, 8)
+    # the crop of the first bin is the hires image around its centre
+    hires = np.asarray(Image.open(root / "spatial" / "tissue_hires_image.png"))
+    cx, cy = np.floor(sdata.tables["stpred"].obsm["spatial"][0]).astype(int)
+    np.testing.assert_array_equal(bank.spot[0], np.moveaxis(hires[cy - 4 : cy + 4, cx - 4 : cx + 4], -1, 0))
+
+
+def test_read_visium_hd_unknown_bin_size_lists_the_available_ones(hd_folder, tmp_path):
+    root, _ = hd_folder
+    with pytest.raises(ValueError, match=r"No 2 µm bins in .*: the run has bin sizes \[8, 16\] µm. Pass one of them"):
+        stpred.io.read_visium_hd(root, bin_size=2)
+    with pytest.raises(TypeError, match="Expected `bin_size` to be an int"):
+        stpred.io.read_visium_hd(root, bin_size="8")
+    with pytest.raises(FileNotFoundError, match="No bin folders"):
+        stpred.io.read_visium_hd(tmp_path)

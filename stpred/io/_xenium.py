@@ -120,11 +120,13 @@ def _rgb_uint8(level: Any, name: str) -> Any:
 
 def _image_element(data: Any, section: str) -> Any:
     """Parse lazy ``(3, y, x)`` uint8 pixels as the multiscale image element of ``section``."""
+    import dask.array as da
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Identity
 
     from ._legacy_st import IMAGE_CHUNKS, _scale_factors
 
+    data = da.asarray(data)
     return Image2DModel.parse(
         data.rechunk(IMAGE_CHUNKS),
         dims=("c", "y", "x"),
