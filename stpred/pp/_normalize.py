@@ -23,7 +23,7 @@ _METHODS = ("log_share", "log1p")
 
 
 #: Rows normalised per block: bounds the float64 working memory to a few block-sized arrays.
-_BLOCK_ROWS = 65_536
+_BLOCK_ROWS = 16_384
 
 
 def _transform(counts: np.ndarray, method: str) -> np.ndarray:
