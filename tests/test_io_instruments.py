@@ -184,39 +184,71 @@ def test_xenium_pseudospots_bad_input_leaves_object_unchanged():
         stpred.io.xenium_pseudospots(cells, spot_size_um=0, pixel_size_um=PIXEL_SIZE)
 
 
-def test_read_xenium_reads_the_he_and_alignment_files(tmp_path, monkeypatch):
+def _write_xenium(root: Path, *, he: bool = True) -> dict:
+    """A Xenium output folder as spatialdata_io.xenium reads it (analyzer 1.0: no cell-id array in cells.zarr.zip)."""
     import json
 
-    import spatialdata_io
     import tifffile
+    import zarr
 
-    cells, xy, counts = _xenium_like(he=False, morphology=True)
-    root = tmp_path / "X"
-    root.mkdir()
-    (root / "experiment.xenium").write_text(json.dumps({"pixel_size": PIXEL_SIZE}))
-    pixels = np.random.default_rng(2).integers(0, 256, (200, 300, 3), dtype=np.uint8)
-    tifffile.imwrite(root / "X_he_image.ome.tif", pixels)
-    np.savetxt(root / "X_he_image_alignment.csv", ALIGNMENT, delimiter=",")
-    calls = {}
+    cells, xy, counts = _xenium_like(he=False)
+    table = cells.tables["table"]
+    root.mkdir(parents=True)
+    (root / "experiment.xenium").write_text(json.dumps({"pixel_size": PIXEL_SIZE, "analysis_sw_version": "xenium-1.0.2"}))
+    ids = table.obs_names.tolist()
+    _write_10x_h5(root / "cell_feature_matrix.h5", counts.toarray(), ids, table.var_names.tolist(), table.var["gene_ids"].tolist())
+    pd.DataFrame(
+        {"cell_id": ids, "x_centroid": xy[:, 0], "y_centroid": xy[:, 1], "transcript_counts": np.asarray(counts.sum(axis=1)).ravel(),
+         "cell_area": np.full(len(ids), 50.0), "nucleus_area": np.full(len(ids), 20.0)}
+    ).to_parquet(root / "cells.parquet", index=False)
+    store = zarr.storage.ZipStore(root / "cells.zarr.zip", mode="w")
+    zarr.open_group(store, mode="w", zarr_format=2)
+    store.close()
+    rng = np.random.default_rng(4)
+    tifffile.imwrite(root / "morphology_focus.ome.tif", rng.integers(0, 4000, (400, 600), dtype=np.uint16))
+    pixels = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    if he:
+        tifffile.imwrite(root / "X_he_image.ome.tif", pixels)
+        np.savetxt(root / "X_he_imagealignment.csv", ALIGNMENT, delimiter=",")
+    return {"xy": xy, "counts": counts, "he": pixels}
 
-    def fake_xenium(path, **kwargs):
-        calls.update(kwargs)
-        return cells
 
-    monkeypatch.setattr(spatialdata_io, "xenium", fake_xenium)
-    sdata = stpred.io.read_xenium(root, he_image_file="X_he_image.ome.tif", alignment_file="X_he_image_alignment.csv")
-    assert calls["transcripts"] is False
-    assert calls["cells_table"] is True
+def test_read_xenium_folder_with_aligned_he(tmp_path, assert_contract):
+    truth = _write_xenium(tmp_path / "X")
+    sdata = stpred.io.read_xenium(tmp_path / "X")  # finds X_he_image.ome.tif and X_he_imagealignment.csv (10x names)
+    assert_contract(sdata)
     table = sdata.tables["table"]
+    expected = _expected_pool(truth["xy"], truth["counts"], 100.0)
+    np.testing.assert_array_equal(table.X.toarray(), expected.loc[table.obs_names].to_numpy())
     assert table.uns["stpred"]["mpp"]["X"] == pytest.approx(1.0)
-    np.testing.assert_array_equal(sdata.images["X_hne"]["scale0"]["image"].values, np.moveaxis(pixels, -1, 0))
-    origin = xy.min(axis=0)
+    assert table.uns["stpred"]["image"] == {"X": "he_image"}
+    np.testing.assert_array_equal(sdata.images["X_hne"]["scale0"]["image"].values, np.moveaxis(truth["he"], -1, 0))
+    origin = truth["xy"].min(axis=0)
     centres_um = origin + (table.obs[["array_x", "array_y"]].to_numpy() + 0.5) * 100.0
     np.testing.assert_allclose(table.obsm["spatial"], (centres_um / PIXEL_SIZE - ALIGNMENT[:2, 2]) / 2.0)
+    # the same files named explicitly give the same object
+    named = stpred.io.read_xenium(
+        tmp_path / "X", he_image_file="X_he_image.ome.tif", alignment_file="X_he_imagealignment.csv"
+    ).tables["table"]
+    np.testing.assert_allclose(named.obsm["spatial"], table.obsm["spatial"])
     with pytest.raises(FileNotFoundError, match="The alignment file .*missing.csv' does not exist"):
-        stpred.io.read_xenium(root, he_image_file="X_he_image.ome.tif", alignment_file="missing.csv")
+        stpred.io.read_xenium(tmp_path / "X", he_image_file="X_he_image.ome.tif", alignment_file="missing.csv")
     with pytest.raises(FileNotFoundError, match="No 'experiment.xenium'"):
         stpred.io.read_xenium(tmp_path)
+    # an H&E found without its alignment CSV is assumed registered, with a warning
+    (tmp_path / "X" / "X_he_imagealignment.csv").unlink()
+    with pytest.warns(UserWarning, match="no alignment CSV"), pytest.warns(UserWarning, match="outside the image"):
+        stpred.io.read_xenium(tmp_path / "X")
+
+
+def test_read_xenium_folder_without_he_uses_morphology(tmp_path):
+    _write_xenium(tmp_path / "X", he=False)
+    with pytest.warns(UserWarning, match="not an 8-bit RGB H&E image"):
+        sdata = stpred.io.read_xenium(tmp_path / "X", spot_size_um=50)
+    table = sdata.tables["table"]
+    assert table.uns["stpred"]["image"] == {"X": "morphology_focus"}
+    assert table.uns["stpred"]["mpp"]["X"] == pytest.approx(PIXEL_SIZE)
+    assert table.uns["stpred"]["pitch_um"]["X"] == 50.0
 
 
 # ---------------------------------------------------------------------------------------------------------------------

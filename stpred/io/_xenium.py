@@ -322,6 +322,23 @@ def xenium_pseudospots(
     return _section_sdata(section, _image_element(pixels, section), circles, out)
 
 
+def _spatialdata_io_xenium(spatialdata_io: Any, root: Path, aligned_images: bool) -> SpatialData:
+    """The cell table, the morphology image and (optionally) the aligned images, nothing else."""
+    return spatialdata_io.xenium(
+        root,
+        cells_boundaries=False,
+        nucleus_boundaries=False,
+        cells_as_circles=False,
+        cells_labels=False,
+        nucleus_labels=False,
+        transcripts=False,
+        morphology_mip=False,
+        morphology_focus=True,
+        aligned_images=aligned_images,
+        cells_table=True,
+    )
+
+
 def read_xenium(
     path: str | os.PathLike,
     *,
@@ -337,8 +354,8 @@ def read_xenium(
     The cell table is read by :func:`spatialdata_io.xenium` (without transcripts, boundaries or label rasters);
     the aligned H&E image is ``he_image_file`` with its ``alignment_file`` (the CSV that Xenium Explorer's image
     alignment writes, mapping H&E pixels to morphology pixels), read by :func:`spatialdata_io.xenium_aligned_image`;
-    without them, an ``*he_image.ome.tif`` (and ``*he_image_alignment.csv``) in ``path`` is used, else the
-    morphology image. The pooling is :func:`stpred.io.xenium_pseudospots`.
+    without them, an ``*he_image.ome.tif`` (and its ``*he_imagealignment.csv``, the names 10x uses) in ``path`` is
+    found by spatialdata-io, else the morphology image is used. The pooling is :func:`stpred.io.xenium_pseudospots`.
 
     Parameters
     ----------
@@ -401,21 +418,19 @@ def read_xenium(
     if alignment_path is not None and he_path is None:
         msg = "`alignment_file` aligns `he_image_file`; pass both."
         raise ValueError(msg)
-    sdata = spatialdata_io.xenium(
-        root,
-        cells_boundaries=False,
-        nucleus_boundaries=False,
-        cells_as_circles=False,
-        cells_labels=False,
-        nucleus_labels=False,
-        transcripts=False,
-        morphology_mip=False,
-        morphology_focus=True,
-        aligned_images=he_path is None,
-        cells_table=True,
-    )
+    with warnings.catch_warnings():
+        # the table names the cell labels as its region; stpred does not read them (it needs the centroids only)
+        warnings.filterwarnings("ignore", message="The table is annotating 'cell_labels'", category=UserWarning)
+        sdata = _spatialdata_io_xenium(spatialdata_io, root, he_path is None)
     if he_path is not None:
         sdata.images[_HE_IMAGE] = spatialdata_io.xenium_aligned_image(he_path, alignment_path)
+    elif _HE_IMAGE in sdata.images and not any(root.glob("*he_image*alignment*.csv")):
+        warnings.warn(
+            f"Found an H&E image in {str(root)!r} but no alignment CSV ('*he_imagealignment.csv'); the H&E is assumed "
+            "to be registered to the morphology image. Pass `alignment_file=` if it is not.",
+            UserWarning,
+            stacklevel=2,
+        )
     return xenium_pseudospots(
         sdata,
         spot_size_um=spot_size_um,
