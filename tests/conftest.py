@@ -113,7 +113,8 @@ def _assert_contract(sdata: SpatialData) -> None:
         assert (xy[:, 0] < width).all()
         assert (xy[:, 1] < height).all()
         assert uns["mpp"][section] > 0
-        assert uns["pitch_um"][section] > uns["spot_diameter_um"][section] > 0
+        # circles leave gaps between spots; square bins (Visium HD, Xenium pseudo-spots) tile the plane
+        assert uns["pitch_um"][section] >= uns["spot_diameter_um"][section] > 0
 
 
 @pytest.fixture(scope="session")

@@ -260,3 +260,131 @@ def test_normalize_errors_and_rerun(tiny: SpatialData) -> None:
     out.X[0, 0] = -2
     with pytest.raises(ValueError, match="must hold raw counts"):
         stpred.pp.normalize(tiny, method="log1p")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# explicit gene lists, exclusion, scanpy conventions
+
+
+def _snapshot(sdata: SpatialData) -> tuple[list[str], np.ndarray]:
+    return sorted(sdata.tables), sdata.tables["table"].X.toarray().copy()
+
+
+def test_explicit_gene_list_keeps_order(tiny: SpatialData) -> None:
+    raw = tiny.tables["table"]
+    panel = [raw.var_names[5], raw.var_names[0], raw.var_names[3]]
+    stpred.pp.select_genes(tiny, genes=panel)
+    out = tiny.tables["stpred"]
+    assert list(out.var_names) == panel
+    np.testing.assert_array_equal(out.X, raw[:, panel].X.toarray())
+    assert out.uns["stpred"]["gene_selection"]["flavor"] == "list"
+    assert out.uns["stpred"]["gene_selection"]["n_top"] == 3
+
+
+def test_explicit_gene_list_unknown_genes_raise_and_leave_object_unchanged(tiny: SpatialData) -> None:
+    before = _snapshot(tiny)
+    raw = tiny.tables["table"]
+    unknown = [f"NOPE{i}" for i in range(12)]
+    with pytest.raises(KeyError, match=r"12 of 13 requested gene\(s\) are not in .* \(first 10: \['NOPE0',.*'NOPE9'\]\)"):
+        stpred.pp.select_genes(tiny, genes=[raw.var_names[0], *unknown])
+    assert _snapshot(tiny)[0] == before[0]
+    np.testing.assert_array_equal(_snapshot(tiny)[1], before[1])
+    with pytest.raises(ValueError, match="more than once"):
+        stpred.pp.select_genes(tiny, genes=[raw.var_names[0], raw.var_names[0]])
+    with pytest.raises(ValueError, match=r"cannot be combined with `n_top=`"):
+        stpred.pp.select_genes(tiny, genes=[raw.var_names[0]], n_top=1)
+    with pytest.raises(ValueError, match=r"cannot be combined with `exclude=`"):
+        stpred.pp.select_genes(tiny, genes=[raw.var_names[0]], exclude="MT-")
+    with pytest.raises(TypeError, match="list of gene names"):
+        stpred.pp.select_genes(tiny, genes=raw.var_names[0])
+    assert "stpred" not in tiny.tables
+
+
+def test_explicit_gene_list_warns_for_genes_missing_in_a_section(tiny: SpatialData) -> None:
+    raw = tiny.tables["table"]
+    gene = raw.var_names[2]
+    raw.var.loc[gene, "present_S1"] = False
+    with pytest.warns(UserWarning, match=r"1 requested gene\(s\) are not measured in every section"):
+        stpred.pp.select_genes(tiny, genes=[gene])
+
+
+def _mito_ribo(tiny: SpatialData) -> list[str]:
+    # the three most abundant genes become MT-/RP genes
+    df = _counts_frame(tiny)
+    top = _expected_mean_genes(df, ["S0", "S1"], 8)
+    names = {top[0]: "MT-CO1", top[1]: "Rpl13", top[2]: "RPS6KA1"}
+    genes = [names.get(g, g) for g in tiny.tables["table"].var_names]
+    tiny.tables["table"].var_names = pd.Index(genes)
+    return [names.get(g, g) for g in top]
+
+
+@pytest.mark.parametrize(
+    ("exclude", "dropped"),
+    [
+        (("MT-", "RPL", "RPS"), 3),  # case-insensitive prefixes; RPS also catches the kinase RPS6KA1
+        ("mt-", 1),
+        (__import__("re").compile(r"^(MT-|RP[SL]\d+[A-Z]?\d*$|RPLP\d$|RPSA$)", __import__("re").I), 2),  # stricter: not RPS6KA1
+        (lambda g: g.startswith("MT-"), 1),
+    ],
+)
+def test_exclude_removes_matching_genes_before_ranking(tiny: SpatialData, exclude, dropped: int) -> None:
+    ranked = _mito_ribo(tiny)
+    if dropped == 2:
+        expected = [g for g in ranked if g not in ("MT-CO1", "Rpl13")][:4]
+    else:
+        expected = ranked[dropped : dropped + 4]
+    stpred.pp.select_genes(tiny, n_top=4, exclude=exclude)
+    out = tiny.tables["stpred"]
+    assert list(out.var_names) == expected
+    assert out.uns["stpred"]["gene_selection"]["n_excluded"] == dropped
+
+
+def test_exclude_errors(tiny: SpatialData) -> None:
+    with pytest.raises(TypeError, match="Expected `exclude` to be a prefix"):
+        stpred.pp.select_genes(tiny, n_top=2, exclude=[1])
+    with pytest.raises(ValueError, match=r"larger than the number of genes present in all sections after `exclude` \(0\)"):
+        stpred.pp.select_genes(tiny, n_top=2, exclude=lambda g: True)
+    assert "stpred" not in tiny.tables
+
+
+def test_select_genes_inplace_copy_key_added(tiny: SpatialData) -> None:
+    table = stpred.pp.select_genes(tiny, n_top=3, inplace=False)
+    assert "stpred" not in tiny.tables
+    assert table.n_vars == 3
+    other = stpred.pp.select_genes(tiny, n_top=3, copy=True)
+    assert "stpred" not in tiny.tables
+    assert list(other.tables["stpred"].var_names) == list(table.var_names)
+    assert other.images["S0_hne"] is tiny.images["S0_hne"]  # shared, not copied
+    other.tables["table"].X = other.tables["table"].X * 0  # the copy's tables are its own
+    assert tiny.tables["table"].X.sum() > 0
+    stpred.pp.select_genes(tiny, n_top=2, key_added="panel2")
+    assert tiny.tables["panel2"].n_vars == 2
+    assert "stpred" not in tiny.tables
+    with pytest.raises(ValueError, match="`copy=True` cannot be combined with `inplace=False`"):
+        stpred.pp.select_genes(tiny, n_top=2, copy=True, inplace=False)
+
+
+def test_normalize_inplace_copy_key_added(tiny: SpatialData) -> None:
+    stpred.pp.select_genes(tiny, n_top=3)
+    out = tiny.tables["stpred"]
+    target = stpred.pp.normalize(tiny, method="log1p", inplace=False)
+    assert "target" not in out.layers
+    np.testing.assert_allclose(target, np.log1p(out.X), rtol=1e-6)
+    other = stpred.pp.normalize(tiny, copy=True)
+    assert "target" not in out.layers
+    assert "target" in other.tables["stpred"].layers
+    stpred.pp.normalize(tiny, method="log1p", key_added="log1p")
+    assert set(out.layers) == {"log1p"}
+    assert out.uns["stpred"]["layers"]["log1p"] == {"method": "log1p"}
+    assert "normalize" not in out.uns["stpred"]
+
+
+def test_normalize_sparse_blocks_match_dense(tiny: SpatialData, monkeypatch) -> None:
+    from stpred.pp import _normalize
+
+    stpred.pp.select_genes(tiny, n_top=4)
+    out = tiny.tables["stpred"]
+    dense = stpred.pp.normalize(tiny, inplace=False)
+    monkeypatch.setattr(_normalize, "_BLOCK_ROWS", 7)
+    out.X = sparse.csr_matrix(out.X)
+    np.testing.assert_allclose(stpred.pp.normalize(tiny, inplace=False), dense, rtol=1e-6)

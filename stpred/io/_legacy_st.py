@@ -366,8 +366,15 @@ def _read_rgb(path: Path) -> np.ndarray:
     return np.moveaxis(pixels, -1, 0)
 
 
-def _grid_pitch(array_xy: np.ndarray, pixel_xy: np.ndarray) -> float:
-    """Pixels between neighbouring spots, from an affine fit ``pixel ~ array`` (robust to missing neighbours)."""
+#: Plausible microns per full-resolution pixel of an H&E scan; outside this range the fit is probably wrong.
+_MPP_RANGE = (0.1, 10.0)
+
+
+def _affine_steps(array_xy: np.ndarray, pixel_xy: np.ndarray) -> np.ndarray:
+    """``2×2`` matrix whose rows are the pixel displacements of one step along array x and along array y.
+
+    Fitted as ``pixel ~ array`` by least squares, then refitted once without gross outliers (mis-registered spots).
+    """
     design = np.c_[array_xy.astype(np.float64), np.ones(len(array_xy))]
     if len(array_xy) < 3 or np.linalg.matrix_rank(design) < 3:
         msg = (
@@ -376,14 +383,50 @@ def _grid_pitch(array_xy: np.ndarray, pixel_xy: np.ndarray) -> float:
         )
         raise ValueError(msg)
     coef, *_ = np.linalg.lstsq(design, pixel_xy, rcond=None)
-    # one refit without gross outliers (mis-registered spots)
     residual = np.linalg.norm(design @ coef - pixel_xy, axis=1)
     step = np.sqrt(np.abs(np.linalg.det(coef[:2])))
     inliers = residual < 0.5 * step
     if inliers.sum() >= 3 and np.linalg.matrix_rank(design[inliers]) == 3:
         coef, *_ = np.linalg.lstsq(design[inliers], pixel_xy[inliers], rcond=None)
-    # rows of coef[:2]: pixel displacement of one step along array x and along array y
-    return float(np.sqrt(np.linalg.norm(coef[0]) * np.linalg.norm(coef[1])))
+    return coef[:2]
+
+
+def _array_geometry(array_xy: np.ndarray) -> tuple[str, np.ndarray]:
+    """Layout of the occupied array positions and the two independent nearest-neighbour offsets (array units).
+
+    ``"square"``: nearest neighbours are axis-aligned (offsets ``(d, 0)`` and ``(0, d)``). ``"checkerboard"``:
+    only positions of one parity of ``x + y`` are occupied (spacing ``d`` along each axis) and the nearest
+    neighbours are diagonal (offsets ``(d, d)`` and ``(d, -d)``). The spacing ``d`` is the most common distance
+    from a spot to its nearest neighbour.
+    """
+    from scipy.spatial import cKDTree
+
+    xy = np.unique(np.asarray(array_xy, dtype=np.int64), axis=0)
+    dist, idx = cKDTree(xy).query(xy, k=2)
+    offsets = np.abs(xy[idx[:, 1]] - xy)
+    nearest = dist[:, 1]
+    values, counts = np.unique(np.round(nearest, 6), return_counts=True)
+    d_min = values[np.argmax(counts)]
+    at_min = offsets[np.isclose(nearest, d_min)]
+    diagonal = (at_min[:, 0] == at_min[:, 1]) & (at_min[:, 0] > 0)
+    if diagonal.mean() > 0.5:
+        step = int(at_min[diagonal][0, 0])
+        return "checkerboard", np.array([[step, step], [step, -step]], dtype=np.float64)
+    axis = at_min[(at_min == 0).any(axis=1)]
+    step = int(axis.max()) if len(axis) else max(1, round(float(d_min)))
+    return "square", np.array([[step, 0], [0, step]], dtype=np.float64)
+
+
+def _grid_pitch(array_xy: np.ndarray, pixel_xy: np.ndarray) -> tuple[float, str]:
+    """Pixels between nearest-neighbour spots and the array layout (``"square"`` or ``"checkerboard"``).
+
+    The pixel distance of each nearest-neighbour offset comes from an affine fit ``pixel ~ array`` (robust to
+    missing neighbours); the pitch is the geometric mean over the two independent offsets.
+    """
+    steps = _affine_steps(array_xy, pixel_xy)
+    layout, neighbours = _array_geometry(array_xy)
+    lengths = np.linalg.norm(neighbours @ steps, axis=1)
+    return float(np.sqrt(lengths[0] * lengths[1])), layout
 
 
 def read_legacy_st(
@@ -393,6 +436,7 @@ def read_legacy_st(
     *,
     section: str,
     patient: str | None = None,
+    spot_pitch_um: float | None = None,
 ) -> SpatialData:
     """Read one section in the legacy Spatial Transcriptomics format (Ståhl et al. 2016).
 
@@ -419,12 +463,16 @@ def read_legacy_st(
         ``{section}_spots``) and of the spot names (``{section}_{x}x{y}``).
     patient
         Patient (donor) of the section, used to group sections in cross-validation; defaults to ``section``.
+    spot_pitch_um
+        Centre-to-centre distance of nearest-neighbour spots in microns; default 200 (the legacy ST array). Pass it
+        for arrays with another spacing.
 
     Returns
     -------
     SpatialData with the image ``"{section}_hne"`` (multiscale RGB uint8), the circles ``"{section}_spots"`` and
     the raw-count table ``"table"`` (see :func:`stpred.io.concat` to combine sections). ``uns["stpred"]`` records
-    ``mpp``, ``spot_diameter_um`` (100), ``pitch_um`` (200) and ``technology`` (``"legacy_st"``).
+    ``mpp``, ``spot_diameter_um`` (100), ``pitch_um`` (``spot_pitch_um``), ``geometry`` and ``technology``
+    (``"legacy_st"``).
 
     Examples
     --------
@@ -442,6 +490,12 @@ def read_legacy_st(
         msg = f"Expected `section` to be a non-empty string, found {section!r}."
         raise ValueError(msg)
     patient = section if patient is None else str(patient)
+    if spot_pitch_um is None:
+        spot_pitch_um = LEGACY_ST_PITCH_UM
+    if isinstance(spot_pitch_um, bool) or not isinstance(spot_pitch_um, int | float | np.number) or spot_pitch_um <= 0:
+        msg = f"Expected `spot_pitch_um` to be a positive number of microns, found {spot_pitch_um!r}."
+        raise ValueError(msg)
+    spot_pitch_um = float(spot_pitch_um)
 
     spot_table = _read_spots(spots_path)
     matrix, spot_ids, genes = _read_counts(counts_path)
@@ -465,7 +519,17 @@ def read_legacy_st(
     array_xy = located[["x", "y"]].to_numpy(dtype=np.int64)
 
     _check_image(image_path, pixel_xy, ids)
-    pitch_px = _grid_pitch(array_xy, pixel_xy)
+    pitch_px, layout = _grid_pitch(array_xy, pixel_xy)
+    mpp = spot_pitch_um / pitch_px
+    if not _MPP_RANGE[0] <= mpp <= _MPP_RANGE[1]:
+        warnings.warn(
+            f"Section {section!r}: the estimated {mpp:.3g} µm/px (nearest spots {pitch_px:.3g} px apart, "
+            f"{layout} array, {spot_pitch_um:g} µm pitch) is outside the plausible {_MPP_RANGE[0]}–{_MPP_RANGE[1]} "
+            "µm/px of an H&E scan. Check that `pixel_x`/`pixel_y` are full-resolution pixels of this image, or pass "
+            "the array's true `spot_pitch_um=`.",
+            UserWarning,
+            stacklevel=2,
+        )
 
     pixels = _read_rgb(image_path)
     table = _section_table(
@@ -476,10 +540,11 @@ def read_legacy_st(
         pixel_xy=pixel_xy,
         section=section,
         patient=patient,
-        mpp=LEGACY_ST_PITCH_UM / pitch_px,
+        mpp=mpp,
         spot_diameter_um=LEGACY_ST_SPOT_DIAMETER_UM,
-        pitch_um=LEGACY_ST_PITCH_UM,
+        pitch_um=spot_pitch_um,
         technology="legacy_st",
     )
-    radius = pitch_px * LEGACY_ST_SPOT_DIAMETER_UM / LEGACY_ST_PITCH_UM / 2.0
+    table.uns[UNS_KEY]["geometry"] = {section: layout}
+    radius = LEGACY_ST_SPOT_DIAMETER_UM / mpp / 2.0
     return _section_sdata(section, _hne_image(pixels, section), _spot_circles(pixel_xy, radius, section), table)

@@ -18,6 +18,43 @@ if TYPE_CHECKING:
 
 _VALID_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _SCALEFACTORS = "spatial/scalefactors_json.json"
+_H5 = "filtered_feature_bc_matrix.h5"
+_MTX_DIR = "filtered_feature_bc_matrix"
+_MTX_FILES = ("matrix.mtx.gz", "features.tsv.gz", "barcodes.tsv.gz")
+_POSITIONS = ("spatial/tissue_positions.csv", "spatial/tissue_positions_list.csv")
+#: Space Ranger's downsampled images, finest first, with the scale factor that maps full-resolution pixels to them.
+_DOWNSAMPLED = (
+    ("hires", "spatial/tissue_hires_image.png", "tissue_hires_scalef"),
+    ("lowres", "spatial/tissue_lowres_image.png", "tissue_lowres_scalef"),
+)
+
+
+def _counts_file(root: Path) -> str:
+    """The counts file to read: ``(<prefix>_)filtered_feature_bc_matrix.h5``, else the mtx folder."""
+    h5 = sorted(root.glob(f"*{_H5}"))
+    if h5:
+        return _H5  # spatialdata-io finds a ``<library_id>_`` prefix itself
+    folder = root / _MTX_DIR
+    if folder.is_dir():
+        missing = [f for f in _MTX_FILES if not (folder / f).is_file()]
+        if missing:
+            msg = (
+                f"The Visium matrix folder {str(folder)!r} lacks {missing}; Space Ranger writes {list(_MTX_FILES)} "
+                f"there (or use the single file {_H5!r})."
+            )
+            raise FileNotFoundError(msg)
+        return f"{_MTX_DIR}/{_MTX_FILES[0]}"
+    msg = (
+        f"No counts found in the Visium folder {str(root)!r}: looked for {_H5!r} (optionally prefixed "
+        f"'<sample>_') and the folder '{_MTX_DIR}/' with {list(_MTX_FILES)}. Pass the Space Ranger `outs/` folder."
+    )
+    raise FileNotFoundError(msg)
+
+
+def _check_positions(root: Path) -> None:
+    if not any((root / name).is_file() for name in _POSITIONS):
+        msg = f"No spot positions in the Visium folder {str(root)!r}: looked for {list(_POSITIONS)}."
+        raise FileNotFoundError(msg)
 
 
 def read_visium(
@@ -29,26 +66,34 @@ def read_visium(
 ) -> SpatialData:
     """Read one 10x Visium section (Space Ranger output) into the stpred contract.
 
-    Counts, spot positions and the hires image are read by :func:`spatialdata_io.visium`; this function renames
-    the elements, adds the stpred annotations and keeps one image per section:
+    Counts, spot positions and the downsampled images are read by :func:`spatialdata_io.visium`; this function
+    renames the elements, adds the stpred annotations and keeps one image per section:
 
     - with ``fullres_image_file`` (the microscope image given to Space Ranger), that image becomes
       ``"{section}_hne"`` and spot positions are in its pixels, as Space Ranger writes them;
-    - without it, the **hires** image becomes ``"{section}_hne"`` and the spot centres, radii and the microns per
-      pixel are rescaled to hires pixels (``× tissue_hires_scalef``), so that, as for every stpred section, the
-      image has an ``Identity`` transform and ``obsm["spatial"]`` is in the pixels of the section's image. Patch
-      sizes in pixels then refer to the (coarser) hires image; use ``pp.extract_patches(..., mpp=...)`` to crop at a
-      fixed physical resolution.
+    - without it, the **hires** image (``spatial/tissue_hires_image.png``), or when that is missing the **lowres**
+      one, becomes ``"{section}_hne"`` and the spot centres, radii and the microns per pixel are rescaled to its
+      pixels (``× tissue_hires_scalef`` or ``× tissue_lowres_scalef`` from ``scalefactors_json.json``), so that,
+      as for every stpred section, the image has an ``Identity`` transform and ``obsm["spatial"]`` is in the pixels
+      of the section's image. Patch sizes in pixels then refer to that (coarser) image; use
+      ``pp.extract_patches(..., mpp=...)`` to crop at a fixed physical resolution. The image used is recorded in
+      ``uns["stpred"]["image"][section]`` (``"fullres"``, ``"hires"`` or ``"lowres"``).
+
+    The counts come from ``filtered_feature_bc_matrix.h5`` (optionally prefixed ``<sample>_``) or, when there is
+    none, from the ``filtered_feature_bc_matrix/`` folder (``matrix.mtx.gz``, ``features.tsv.gz``,
+    ``barcodes.tsv.gz``); only "Gene Expression" features are kept. Gene **symbols** are the ``var_names`` and
+    the Ensembl ids are kept in ``var["gene_ids"]``; symbols shared by several ids are made unique
+    deterministically in file order (``"GENE"``, ``"GENE-1"``, ...; :meth:`anndata.AnnData.var_names_make_unique`).
 
     The microns per pixel are ``55 / spot_diameter_fullres`` (Visium spots are 55 µm wide, 100 µm apart).
-    Duplicated gene symbols are made unique by :mod:`spatialdata_io` (``"GENE"``, ``"GENE-1"``).
 
     Parameters
     ----------
     path
-        Space Ranger output folder with ``filtered_feature_bc_matrix.h5`` and ``spatial/``
-        (``tissue_positions.csv`` or ``tissue_positions_list.csv``, ``scalefactors_json.json``,
-        ``tissue_hires_image.png``, ``tissue_lowres_image.png``).
+        Space Ranger output folder (``outs/``) with ``filtered_feature_bc_matrix.h5`` or
+        ``filtered_feature_bc_matrix/`` and ``spatial/`` (``tissue_positions.csv`` or
+        ``tissue_positions_list.csv``, ``scalefactors_json.json``, ``tissue_hires_image.png`` and/or
+        ``tissue_lowres_image.png``).
     section
         Section name (letters, digits, ``_``, ``-``, ``.``); defaults to the folder name.
     patient
@@ -89,22 +134,42 @@ def read_visium(
         msg = f"Invalid section name {section!r}: use letters, digits, '_', '-' or '.' only (pass `section=`)."
         raise ValueError(msg)
     patient = section if patient is None else str(patient)
-    scalefactors_path = _check_file(root / _SCALEFACTORS, "scale factors")
+    counts_file = _counts_file(root)
+    _check_positions(root)
+    scalefactors_path = root / _SCALEFACTORS
+    if not scalefactors_path.is_file():
+        msg = f"No scale factors in the Visium folder {str(root)!r}: looked for {_SCALEFACTORS!r}."
+        raise FileNotFoundError(msg)
     scalefactors = json.loads(scalefactors_path.read_text())
-    missing = [k for k in ("spot_diameter_fullres", "tissue_hires_scalef") if k not in scalefactors]
-    if missing:
-        msg = f"{str(scalefactors_path)!r} lacks {missing}; found {sorted(scalefactors)}. Is it Space Ranger output?"
+    if "spot_diameter_fullres" not in scalefactors:
+        msg = f"{str(scalefactors_path)!r} lacks ['spot_diameter_fullres']; found {sorted(scalefactors)}. Is it Space Ranger output?"
         raise ValueError(msg)
     image_path = None
+    downsampled = None
     if fullres_image_file is not None:
         image_path = Path(fullres_image_file)
         image_path = _check_file(image_path if image_path.is_absolute() else root / image_path, "image")
+    else:
+        present = [d for d in _DOWNSAMPLED if (root / d[1]).is_file()]
+        if not present:
+            msg = (
+                f"No image in the Visium folder {str(root)!r}: looked for {[d[1] for d in _DOWNSAMPLED]}; pass the "
+                "full-resolution microscope image as `fullres_image_file=`."
+            )
+            raise FileNotFoundError(msg)
+        downsampled = present[0]
+        if downsampled[2] not in scalefactors:
+            msg = (
+                f"{str(scalefactors_path)!r} lacks [{downsampled[2]!r}] needed to place the spots on "
+                f"{downsampled[1]!r}; found {sorted(scalefactors)}. Is it Space Ranger output?"
+            )
+            raise ValueError(msg)
 
     with warnings.catch_warnings():
         # spatialdata-io makes duplicated gene names unique itself; anndata warns first
         warnings.filterwarnings("ignore", message="Variable names are not unique", category=UserWarning)
         warnings.filterwarnings("ignore", message="Converting `region_key", category=UserWarning)
-        raw = spatialdata_io.visium(root, dataset_id=section)
+        raw = spatialdata_io.visium(root, dataset_id=section, counts_file=counts_file)
     table = raw.tables["table"]
     pixel_xy = np.asarray(table.obsm["spatial"], dtype=np.float64)  # full-resolution pixels (x, y)
     barcodes = table.obs_names.astype(str)
@@ -113,12 +178,17 @@ def read_visium(
         _check_image(image_path, pixel_xy, barcodes)
         pixels = _read_rgb(image_path)
         scale = 1.0
+        image_used = "fullres"
     else:
-        scale = float(scalefactors["tissue_hires_scalef"])
-        hires = raw.images[f"{section}_hires_image"]
-        pixels = np.asarray(hires.data.compute() if hasattr(hires.data, "compute") else hires.data)
+        image_used, _, scale_key = downsampled
+        scale = float(scalefactors[scale_key])
+        element = raw.images[f"{section}_{image_used}_image"]
+        pixels = np.asarray(element.data.compute() if hasattr(element.data, "compute") else element.data)
         if pixels.dtype != np.uint8 or pixels.shape[0] < 3:
-            msg = f"The hires image of {str(root)!r} has shape {pixels.shape} and type {pixels.dtype}; expected RGB uint8."
+            msg = (
+                f"The {image_used} image of {str(root)!r} has shape {pixels.shape} and type {pixels.dtype}; "
+                "expected RGB uint8."
+            )
             raise ValueError(msg)
         pixels = pixels[:3]
         pixel_xy = pixel_xy * scale
@@ -140,5 +210,6 @@ def read_visium(
     for column in table.var.columns:
         out.var[column] = table.var[column].to_numpy()
     out.obs["in_tissue"] = obs["in_tissue"].to_numpy()
+    out.uns["stpred"]["image"] = {section: image_used}
     circles = _spot_circles(pixel_xy, diameter_px * scale / 2.0, section)
     return _section_sdata(section, _hne_image(pixels, section), circles, out)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import copy
+import copy as copy_module
 import logging
-from collections.abc import Sequence
+import re
+import warnings
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -15,6 +17,7 @@ from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE, UNS_KEY
 from .._docs import doc_overwrite, doc_params, doc_sdata, doc_sections, doc_table_key
 from .._provenance import record
 from .._validate import check_one_of, check_positive, check_sections, get_table
+from ._inplace import check_copy_inplace, table_copy
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -69,14 +72,23 @@ def _shared_genes(raw: AnnData) -> np.ndarray:
     return mask
 
 
+def _section_sums(X: np.ndarray | sparse.spmatrix, rows_by_section: dict[str, np.ndarray], n_obs: int) -> np.ndarray:
+    """Per-section column sums of ``X`` (``n_sections × n_vars``, float64) without copying or densifying ``X``.
+
+    One sparse indicator matrix (sections × rows) times ``X``: memory is ``O(n_sections × n_vars)`` on top of ``X``.
+    """
+    rows = np.concatenate(list(rows_by_section.values()))
+    cols = np.repeat(np.arange(len(rows_by_section)), [len(r) for r in rows_by_section.values()])
+    indicator = sparse.csr_matrix((np.ones(len(rows)), (cols, rows)), shape=(len(rows_by_section), n_obs))
+    sums = indicator @ X
+    return sums.toarray() if sparse.issparse(sums) else np.asarray(sums, dtype=np.float64)
+
+
 def _rank_mean(raw: AnnData, rows_by_section: dict[str, np.ndarray], genes: np.ndarray) -> pd.DataFrame:
     """Average over sections of the per-section mean raw count of each gene."""
-    X = raw.X
-    means = []
-    for rows in rows_by_section.values():
-        sub = X[rows][:, genes]
-        means.append(np.asarray(sub.mean(axis=0, dtype=np.float64)).ravel())
-    score = np.mean(means, axis=0)
+    sums = _section_sums(raw.X, rows_by_section, raw.n_obs)[:, genes]
+    sizes = np.array([len(r) for r in rows_by_section.values()], dtype=np.float64)
+    score = (sums / sizes[:, None]).mean(axis=0)
     df = pd.DataFrame({"gene": raw.var_names[genes].astype(str), "score": score})
     return df.sort_values(["score", "gene"], ascending=[False, True], kind="mergesort")
 
@@ -125,46 +137,142 @@ def _rank_hvg(
     return df, hvg_flavor
 
 
+#: What ``exclude=`` accepts: prefixes, a compiled regular expression, or a predicate on the gene name.
+GeneFilter = str | Sequence[str] | re.Pattern | Callable[[str], bool]
+
+
+def _exclusion_mask(names: pd.Index, exclude: GeneFilter) -> tuple[np.ndarray, str]:
+    """Boolean mask of the gene names matched by ``exclude`` and a printable description of the rule."""
+    names = names.astype(str)
+    if isinstance(exclude, re.Pattern):
+        return np.array([exclude.search(g) is not None for g in names], dtype=bool), f"regex {exclude.pattern!r}"
+    if callable(exclude):
+        hits = np.array([bool(exclude(g)) for g in names], dtype=bool)
+        return hits, f"callable {getattr(exclude, '__name__', type(exclude).__name__)}"
+    prefixes = [exclude] if isinstance(exclude, str) else list(exclude)
+    if not prefixes or not all(isinstance(p, str) and p for p in prefixes):
+        msg = (
+            f"Expected `exclude` to be a prefix, a sequence of non-empty prefixes, a compiled regex or a callable, "
+            f"found {exclude!r}."
+        )
+        raise TypeError(msg)
+    upper = names.str.upper()
+    hits = np.zeros(len(names), dtype=bool)
+    for prefix in prefixes:
+        hits |= np.asarray(upper.str.startswith(prefix.upper()), dtype=bool)
+    return hits, f"prefixes {prefixes} (case-insensitive)"
+
+
+def _explicit_genes(raw: AnnData, genes: Sequence[str], shared: np.ndarray) -> np.ndarray:
+    """Validate an explicit gene list against ``raw.var_names``; return the genes in the given order."""
+    if isinstance(genes, str) or not isinstance(genes, Sequence | np.ndarray | pd.Index):
+        msg = f"Expected `genes` to be a list of gene names, found {type(genes).__name__}."
+        raise TypeError(msg)
+    wanted = pd.Index([str(g) for g in genes], dtype=object)
+    if len(wanted) == 0:
+        msg = "Expected at least one gene in `genes`, found an empty list."
+        raise ValueError(msg)
+    if wanted.has_duplicates:
+        dup = wanted[wanted.duplicated()].unique()[:10].tolist()
+        msg = f"`genes` lists {int(wanted.duplicated().sum())} gene(s) more than once (first: {dup}); list each once."
+        raise ValueError(msg)
+    var_names = raw.var_names.astype(str)
+    idx = var_names.get_indexer(wanted) if var_names.is_unique else pd.Index(var_names).get_indexer_for(wanted)
+    absent = wanted[idx < 0]
+    if len(absent):
+        hint = ""
+        for column in ("gene_ids", "gene_symbols", "gene_name"):
+            if column in raw.var and pd.Index(raw.var[column].astype(str)).isin(absent).any():
+                hint = f" Some of them are in `var[{column!r}]`: pass the names used as `var_names` instead."
+                break
+        msg = (
+            f"{len(absent)} of {len(wanted)} requested gene(s) are not in the table's `var_names` (first "
+            f"{min(len(absent), 10)}: {absent[:10].tolist()}).{hint} Drop them from `genes` "
+            "(e.g. `[g for g in genes if g in sdata.tables['table'].var_names]`)."
+        )
+        raise KeyError(msg)
+    not_everywhere = wanted[~np.isin(idx, shared)]
+    if len(not_everywhere):
+        warnings.warn(
+            f"{len(not_everywhere)} requested gene(s) are not measured in every section (first: "
+            f"{not_everywhere[:10].tolist()}); their counts are 0 where they were not measured.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return wanted.to_numpy().astype(str)
+
+
 @doc_params(sdata=doc_sdata, sections=doc_sections, table_key=doc_table_key, overwrite=doc_overwrite)
 def select_genes(
     sdata: SpatialData,
     *,
-    n_top: int = 250,
-    flavor: Literal["mean", "hvg"] = "mean",
+    n_top: int | None = None,
+    flavor: Literal["mean", "hvg"] | None = None,
+    genes: Sequence[str] | None = None,
+    exclude: GeneFilter | None = None,
     sections: Sequence[str] | None = None,
     table_key: str = "table",
+    key_added: str = STPRED_TABLE,
     overwrite: bool = False,
-) -> None:
-    """Choose the genes to predict and create the ``stpred`` table.
+    inplace: bool = True,
+    copy: bool = False,
+) -> AnnData | SpatialData | None:
+    r"""Choose the genes to predict and create the ``stpred`` table.
 
-    Only genes present in every section of the data are candidates (``var["present_<section>"]``, written by
-    :func:`stpred.io.concat`, where it exists; otherwise every column of the table counts as present), so that the
-    test sections have a measured value for every selected gene.
+    Either rank genes (``n_top`` / ``flavor``, optionally after ``exclude``) or take an explicit list
+    (``genes``, e.g. a published panel or the genes of a saved predictor); the two are mutually exclusive.
+
+    When ranking, only genes present in every section of the data are candidates (``var["present_<section>"]``,
+    written by :func:`stpred.io.concat`, where it exists; otherwise every column of the table counts as present),
+    so that the test sections have a measured value for every selected gene. The raw counts are never densified:
+    the ranking uses sparse per-section sums, and only the selected genes' columns become a dense matrix.
 
     Parameters
     ----------
     {sdata}
     n_top
-        Number of genes to keep.
+        Number of genes to keep (default 250 when ``genes`` is not given).
     flavor
-        ``"mean"``: the genes with the highest mean raw count, where the mean is taken per section over that
-        section's spots and then averaged over the chosen sections (the HiFusion recipe); ties are broken by gene
-        name. ``"hvg"``: :func:`scanpy.pp.highly_variable_genes` on the chosen sections (``batch_key="section"``
-        with more than one section), ``flavor="seurat_v3"`` on raw counts when ``scikit-misc`` is installed,
-        otherwise ``flavor="seurat"`` on log1p-normalised copies (``normalize_total(target_sum=1e4)``); the flavour
-        used is recorded as ``uns["stpred"]["gene_selection"]["hvg_flavor"]``.
+        ``"mean"`` (default): the genes with the highest mean raw count, where the mean is taken per section over
+        that section's spots and then averaged over the chosen sections (the HiFusion recipe); ties are broken by
+        gene name. ``"hvg"``: :func:`scanpy.pp.highly_variable_genes` on the chosen sections
+        (``batch_key="section"`` with more than one section), ``flavor="seurat_v3"`` on raw counts when
+        ``scikit-misc`` is installed, otherwise ``flavor="seurat"`` on log1p-normalised copies
+        (``normalize_total(target_sum=1e4)``); the flavour used is recorded as
+        ``uns["stpred"]["gene_selection"]["hvg_flavor"]``.
+    genes
+        Explicit gene list (names as in ``var_names``), kept in the given order. Genes absent from the table raise
+        a :class:`KeyError` listing them (the first ten and their number); genes measured in only some sections
+        are kept with a warning.
+    exclude
+        Genes never to select when ranking: a prefix or a sequence of prefixes (matched case-insensitively, so
+        ``("MT-", "RPL", "RPS")`` removes human and mouse mitochondrial and ribosomal-protein genes), a compiled
+        :class:`re.Pattern` (genes where ``pattern.search(name)`` matches) or a callable ``name -> bool``
+        (``True`` = exclude). Mitochondrial and ribosomal genes are among the most abundant transcripts, so
+        without this they take a large share of a top-250 panel ranked by mean count; note that the prefix
+        ``"RPS"`` also matches the kinases ``RPS6K*`` (use a regex such as ``re.compile(r"^(MT-|RP[SL]\d+[A-Z]?\d*$|RPLP\d$|RPSA$)", re.I)``
+        to be stricter). The rule and the number of excluded genes are recorded.
     {sections}
         Pass only the training sections to keep the test sections out of the gene choice.
     {table_key}
+    key_added
+        Name of the table to create.
     {overwrite}
+    inplace
+        ``False``: return the new table instead of adding it to ``sdata`` (scanpy's convention).
+    copy
+        ``True``: return a new SpatialData holding copies of the tables plus the new table, sharing the other
+        elements with ``sdata``, which stays unchanged. Cannot be combined with ``inplace=False``.
 
     Returns
     -------
-    Nothing; adds ``sdata.tables["stpred"]``: the same ``obs`` (a copy) and ``obsm["spatial"]``, ``X`` the dense
-    ``float32`` raw counts of the selected genes (ranked, best first), annotating the same shapes, and
-    ``uns["stpred"]`` = the raw table's ``uns["stpred"]`` plus ``"genes"`` (list) and ``"gene_selection"``
-    (``flavor``, ``n_top``, ``sections``, ``test_sections_included``: ``False`` when ``sections`` is a strict subset
-    of the data's sections) and a provenance entry.
+    ``None`` by default, and ``sdata.tables[key_added]`` is added: the same ``obs`` (a copy) and
+    ``obsm["spatial"]``, ``X`` the dense ``float32`` raw counts of the selected genes (ranked best first, or in the
+    order of ``genes``), annotating the same shapes, and ``uns["stpred"]`` = the raw table's ``uns["stpred"]`` plus
+    ``"genes"`` (list) and ``"gene_selection"`` (``flavor`` — ``"list"`` for an explicit list —, ``n_top``,
+    ``sections``, ``test_sections_included``: ``False`` when ``sections`` is a strict subset of the data's
+    sections, and ``exclude``/``n_excluded`` when given) and a provenance entry. With ``inplace=False`` the table
+    is returned instead; with ``copy=True`` the new SpatialData.
 
     Examples
     --------
@@ -173,10 +281,14 @@ def select_genes(
     >>> stpred.pp.select_genes(sdata, n_top=4, sections=["S0"])
     >>> sdata.tables["stpred"].shape
     (61, 4)
+    >>> panel = list(sdata.tables["table"].var_names[:3])
+    >>> stpred.pp.select_genes(sdata, genes=panel, inplace=False).var_names.tolist() == panel
+    True
     """
     from anndata import AnnData
     from spatialdata.models import TableModel
 
+    check_copy_inplace(copy=copy, inplace=inplace)
     try:
         raw = get_table(sdata, table_key)
     except KeyError as err:
@@ -184,49 +296,70 @@ def select_genes(
             f"{err.args[0]} Pass `table_key=` naming the raw-count table, or read the data with an `stpred.io` reader."
         )
         raise KeyError(msg) from None
-    if isinstance(n_top, bool) or not isinstance(n_top, int | np.integer):
-        msg = f"Expected `n_top` to be an int, found {type(n_top).__name__}."
-        raise TypeError(msg)
-    check_positive(n_top, name="n_top")
-    check_one_of(flavor, _FLAVORS, name="flavor")
+    if genes is not None:
+        given = [name for name, v in (("n_top", n_top), ("flavor", flavor), ("exclude", exclude)) if v is not None]
+        if given:
+            msg = f"`genes=` gives the gene list itself; it cannot be combined with {', '.join(f'`{g}=`' for g in given)}."
+            raise ValueError(msg)
+    else:
+        n_top = 250 if n_top is None else n_top
+        flavor = "mean" if flavor is None else flavor
+        if isinstance(n_top, bool) or not isinstance(n_top, int | np.integer):
+            msg = f"Expected `n_top` to be an int, found {type(n_top).__name__}."
+            raise TypeError(msg)
+        check_positive(n_top, name="n_top")
+        check_one_of(flavor, _FLAVORS, name="flavor")
+    if not isinstance(key_added, str) or not key_added:
+        msg = f"Expected `key_added` to be a non-empty table name, found {key_added!r}."
+        raise ValueError(msg)
     available = section_names(raw)
     chosen = check_sections(sections, available)
-    if STPRED_TABLE in sdata.tables and not overwrite:
-        msg = f"Table {STPRED_TABLE!r} already exists; pass `overwrite=True` to replace it (its layers are lost)."
+    if inplace and key_added in sdata.tables and not overwrite:
+        msg = f"Table {key_added!r} already exists; pass `overwrite=True` to replace it (its layers are lost)."
         raise ValueError(msg)
-    if table_key == STPRED_TABLE:
-        msg = f"`table_key` must name the raw-count table, not {STPRED_TABLE!r}."
+    if table_key in (STPRED_TABLE, key_added):
+        msg = f"`table_key` must name the raw-count table, not {table_key!r} (the table `select_genes` writes)."
         raise ValueError(msg)
     _check_counts(raw.X, name=table_key)
     shared = np.flatnonzero(_shared_genes(raw))
-    if n_top > len(shared):
-        msg = (
-            f"`n_top={n_top}` is larger than the number of genes present in all sections ({len(shared)}); "
-            f"pass `n_top<={len(shared)}`."
-        )
-        raise ValueError(msg)
 
     sec = raw.obs[SECTION_KEY].astype(str).to_numpy()
     rows_by_section = {s: np.flatnonzero(sec == s) for s in chosen}
     info: dict[str, object] = {}
-    if flavor == "mean":
-        ranked = _rank_mean(raw, rows_by_section, shared)
+    if genes is not None:
+        selected = _explicit_genes(raw, genes, shared)
+        flavor, n_top = "list", len(selected)
     else:
-        ranked, info["hvg_flavor"] = _rank_hvg(raw, rows_by_section, shared, n_top)
-    genes = ranked["gene"].to_numpy()[:n_top].astype(str)
-    logger.info("Selected %d of %d shared genes (flavor=%r, sections=%s).", n_top, len(shared), flavor, chosen)
+        if exclude is not None:
+            hits, rule = _exclusion_mask(raw.var_names[shared], exclude)
+            info["exclude"] = rule
+            info["n_excluded"] = int(hits.sum())
+            shared = shared[~hits]
+        if n_top > len(shared):
+            after = " after `exclude`" if exclude is not None else ""
+            msg = (
+                f"`n_top={n_top}` is larger than the number of genes present in all sections{after} ({len(shared)}); "
+                f"pass `n_top<={len(shared)}`."
+            )
+            raise ValueError(msg)
+        if flavor == "mean":
+            ranked = _rank_mean(raw, rows_by_section, shared)
+        else:
+            ranked, info["hvg_flavor"] = _rank_hvg(raw, rows_by_section, shared, n_top)
+        selected = ranked["gene"].to_numpy()[:n_top].astype(str)
+    logger.info("Selected %d genes (flavor=%r, sections=%s).", len(selected), flavor, chosen)
 
-    gene_idx = raw.var_names.get_indexer(genes)
+    gene_idx = raw.var_names.get_indexer(selected)
     X = raw.X[:, gene_idx]
     X = X.toarray() if sparse.issparse(X) else np.asarray(X)
     var = raw.var.iloc[gene_idx].copy()
-    var.index = pd.Index(genes)
+    var.index = pd.Index(selected)
     adata = AnnData(X=np.ascontiguousarray(X, dtype=np.float32), obs=raw.obs.copy(), var=var)
     if SPATIAL_KEY in raw.obsm:
         adata.obsm[SPATIAL_KEY] = np.asarray(raw.obsm[SPATIAL_KEY], dtype=np.float64).copy()
     attrs = raw.uns.get(TableModel.ATTRS_KEY, {})
-    uns = copy.deepcopy(dict(raw.uns.get(UNS_KEY, {})))
-    uns["genes"] = [str(g) for g in genes]
+    uns = copy_module.deepcopy(dict(raw.uns.get(UNS_KEY, {})))
+    uns["genes"] = [str(g) for g in selected]
     uns["gene_selection"] = {
         "flavor": flavor,
         "n_top": int(n_top),
@@ -252,6 +385,11 @@ def select_genes(
         flavor=flavor,
         sections=list(chosen),
         table_key=table_key,
+        key_added=key_added,
         **info,
     )
-    sdata.tables[STPRED_TABLE] = adata
+    if not inplace:
+        return adata
+    target = table_copy(sdata) if copy else sdata
+    target.tables[key_added] = adata
+    return target if copy else None

@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from scipy import sparse
 
-from .._constants import STPRED_TABLE, TARGET_LAYER
+from .._constants import STPRED_TABLE, TARGET_LAYER, UNS_KEY
 from .._docs import doc_params, doc_sdata
 from .._provenance import record, stpred_uns
 from .._validate import check_one_of, get_table
+from ._inplace import check_copy_inplace, table_copy
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -19,6 +20,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _METHODS = ("log_share", "log1p")
+
+
+#: Rows normalised per block: bounds the float64 working memory to a few block-sized arrays.
+_BLOCK_ROWS = 16_384
 
 
 def _transform(counts: np.ndarray, method: str) -> np.ndarray:
@@ -29,14 +34,30 @@ def _transform(counts: np.ndarray, method: str) -> np.ndarray:
     return np.log(shifted) - np.log(shifted.sum(axis=1, keepdims=True))
 
 
+def _target(X: np.ndarray | sparse.spmatrix, method: str, *, name: str) -> np.ndarray:
+    """The ``float32`` target of ``X``, computed in row blocks (a sparse ``X`` is densified one block at a time)."""
+    out = np.empty(X.shape, dtype=np.float32)
+    for lo in range(0, X.shape[0], _BLOCK_ROWS):
+        block = X[lo : lo + _BLOCK_ROWS]
+        block = block.toarray() if sparse.issparse(block) else np.asarray(block)
+        if np.isnan(block).any() or (block < 0).any():
+            msg = f"`X` of table {name!r} must hold raw counts (no NaN, no negative values)."
+            raise ValueError(msg)
+        out[lo : lo + _BLOCK_ROWS] = _transform(block, method)
+    return out
+
+
 @doc_params(sdata=doc_sdata)
 def normalize(
     sdata: SpatialData,
     *,
     method: Literal["log_share", "log1p"] = "log_share",
     table_key: str = STPRED_TABLE,
+    key_added: str = TARGET_LAYER,
     overwrite: bool = False,
-) -> None:
+    inplace: bool = True,
+    copy: bool = False,
+) -> np.ndarray | SpatialData | None:
     r"""Write the training target ``layers["target"]`` from the selected genes' raw counts.
 
     Parameters
@@ -53,11 +74,21 @@ def normalize(
         The one exception: changing the method while prediction layers (``layers["stpred_*"]``) exist raises a
         :class:`ValueError`, since those models were trained on the old target; pass ``overwrite=True`` to replace
         the target anyway.
+    key_added
+        Layer to write. The models train on ``layers["target"]``; another name keeps a second normalisation
+        next to it (e.g. for plotting).
+    inplace
+        ``False``: return the target array instead of writing it (scanpy's convention); ``sdata`` is unchanged.
+    copy
+        ``True``: return a new SpatialData holding copies of the tables with the layer written, sharing the other
+        elements with ``sdata``, which stays unchanged. Cannot be combined with ``inplace=False``.
 
     Returns
     -------
-    Nothing; writes ``layers["target"]`` (``float32``, same shape as ``X``) and ``uns["stpred"]["normalize"] =
-    {{"method": method}}`` of the table, and a provenance entry.
+    ``None`` by default, and writes ``layers[key_added]`` (``float32``, same shape as ``X``; computed in blocks of
+    rows, so a sparse ``X`` is never densified whole) and ``uns["stpred"]["normalize"] = {{"method": method}}``
+    of the table (``uns["stpred"]["layers"][key_added]`` for another layer), and a provenance entry. With ``inplace=False`` the array is returned
+    instead; with ``copy=True`` the new SpatialData.
 
     Examples
     --------
@@ -68,23 +99,39 @@ def normalize(
     >>> sdata.tables["stpred"].layers["target"].dtype
     dtype('float32')
     """
+    check_copy_inplace(copy=copy, inplace=inplace)
     table = get_table(sdata, table_key, made_by="pp.select_genes")
     check_one_of(method, _METHODS, name="method")
-    uns = stpred_uns(table)
+    if not isinstance(key_added, str) or not key_added:
+        msg = f"Expected `key_added` to be a non-empty layer name, found {key_added!r}."
+        raise ValueError(msg)
+    uns = dict(table.uns.get(UNS_KEY, {}))
     previous = dict(uns.get("normalize", {})).get("method")
     predictions = sorted(k for k in table.layers if k.startswith("stpred_"))
-    if TARGET_LAYER in table.layers and previous is not None and previous != method and predictions and not overwrite:
+    if (
+        inplace
+        and key_added == TARGET_LAYER
+        and TARGET_LAYER in table.layers
+        and previous is not None
+        and previous != method
+        and predictions
+        and not overwrite
+    ):
         msg = (
             f"Layer {TARGET_LAYER!r} was made with method {previous!r} and the prediction layers {predictions} were "
             f"trained on it; pass `overwrite=True` to switch to {method!r} anyway, or delete those layers first."
         )
         raise ValueError(msg)
-    X = table.X
-    counts = X.toarray() if sparse.issparse(X) else np.asarray(X)
-    if np.isnan(counts).any() or (counts < 0).any():
-        msg = f"`X` of table {table_key!r} must hold raw counts (no NaN, no negative values)."
-        raise ValueError(msg)
-    table.layers[TARGET_LAYER] = _transform(counts, method).astype(np.float32)
-    uns["normalize"] = {"method": method}
-    record(table, "normalize", method=method, table_key=table_key)
-    logger.info("Wrote layers[%r] of table %r with method %r.", TARGET_LAYER, table_key, method)
+    target = _target(table.X, method, name=table_key)
+    if not inplace:
+        return target
+    out = table_copy(sdata) if copy else sdata
+    table = out.tables[table_key]
+    table.layers[key_added] = target
+    if key_added == TARGET_LAYER:
+        stpred_uns(table)["normalize"] = {"method": method}
+    else:
+        stpred_uns(table).setdefault("layers", {})[key_added] = {"method": method}
+    record(table, "normalize", method=method, table_key=table_key, key_added=key_added)
+    logger.info("Wrote layers[%r] of table %r with method %r.", key_added, table_key, method)
+    return out if copy else None
