@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._augment import dihedral, standardize
-from ._base import TrainDefaults
+from ._base import LossOutput, StpredModel, TrainDefaults
 from ._registry import register_model
 from .encoders._weights import load_weights
 from .encoders.resnet import ResNet
@@ -123,7 +123,14 @@ class HiFusionConfig:
     context_weights: str | None = None  # §1.2: reference uses random init
     train: TrainDefaults = field(  # §4: Adam, lr 1e-3, L2 1e-5, cosine to 1e-6 over 50 epochs, batch 32
         default=TrainDefaults(
-            lr=1e-3, weight_decay=1e-5, optimizer="adam", scheduler="cosine", min_lr=1e-6, max_epochs=50, batch_size=32
+            lr=1e-3,
+            weight_decay=1e-5,
+            optimizer="adam",
+            scheduler="cosine",
+            min_lr=1e-6,
+            max_epochs=50,
+            batch_size=32,
+            batch_per_section=True,  # the reference draws every batch from one section (BatchNorm statistics)
         )
     )
 
@@ -177,7 +184,7 @@ TINY_CONFIG: dict[str, Any] = {"width": 8, "n_heads": 2, "spot_size": 64, "conte
 
 
 @register_model("hifusion")
-class HiFusion(nn.Module):
+class HiFusion(StpredModel):
     """HiFusion: hierarchical intra-spot modelling plus context-aware cross-scale fusion.
 
     Architecture (``reference/hifusion.md`` §1):
@@ -230,6 +237,11 @@ class HiFusion(nn.Module):
     inputs = ("spot", "context")
     batching = "spots"
     name: str
+
+    @property
+    def crop_sizes(self) -> tuple[int | None, int | None]:
+        """Side in pixels of the spot and context crops (``config.spot_size``, ``config.context_size``)."""
+        return self.config.spot_size, self.config.context_size
 
     def __init__(self, n_genes: int, **config: Any) -> None:
         super().__init__()
@@ -378,7 +390,7 @@ class HiFusion(nn.Module):
         level_preds = tuple(self.aux_head(f.mean(dim=(2, 3))) for f in maps)
         return {"pred": pred, "level_preds": level_preds, "level_features": tuple(maps), "fusion_weights": weights}
 
-    def loss(self, out: Mapping[str, Any], batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def loss(self, out: Mapping[str, Any], batch: Mapping[str, Tensor]) -> LossOutput:
         """HiFusion's training loss (§2), computed in float32.
 
         Parameters
@@ -390,9 +402,9 @@ class HiFusion(nn.Module):
 
         Returns
         -------
-        ``"loss"`` = ``mse + aux_mse + alignment_weight * align``; ``"mse"``: MSE of the final prediction;
-        ``"aux_mse"``: mean over levels of the auxiliary MSEs; ``"align"``: ``Σ_{l>0} L1(F0, F_l)`` (element
-        means, unweighted).
+        ``loss`` = ``mse + aux_mse + alignment_weight * align``; ``mse``: MSE of the final prediction;
+        ``extra["aux_mse"]``: mean over levels of the auxiliary MSEs; ``extra["align"]``: ``Σ_{l>0} L1(F0, F_l)``
+        (element means, unweighted).
         """
         if "target" not in batch:
             msg = f"HiFusion's loss needs batch['target']; found the keys {sorted(batch)}."
@@ -409,7 +421,7 @@ class HiFusion(nn.Module):
         for f in feats[1:]:
             align = align + F.l1_loss(feats[0].float(), f.float())
         loss = mse + aux + self.config.alignment_weight * align
-        return {"loss": loss, "mse": mse.detach(), "aux_mse": aux.detach(), "align": align.detach()}
+        return LossOutput(loss=loss, mse=mse.detach(), extra={"aux_mse": aux.detach(), "align": align.detach()})
 
     def augment(self, batch: Mapping[str, Tensor], progress: float) -> dict[str, Tensor]:
         """Training-time augmentation on the device: one random dihedral map per spot, same on both crops.

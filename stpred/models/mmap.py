@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validate import check_one_of, check_positive
-from ._base import TrainDefaults
+from ._base import LossOutput, StpredModel, TrainDefaults
 from ._kmeans import kmeans
 from ._registry import register_model
 from .encoders.lora import inject_lora, lora_parameters
@@ -305,7 +305,7 @@ def _similarity_loss(a: Tensor, b: Tensor, *, kind: str, margin: float) -> Tenso
 
 
 @register_model("mmap")
-class MMAP(nn.Module):
+class MMAP(StpredModel):
     """MMAP: multi-magnification LoRA-ViT features (phase 1) refined by per-slide prototypes (phase 2).
 
     Parameters
@@ -707,22 +707,22 @@ class MMAP(nn.Module):
             pred = (2.0 * pred1 + head3) / 3.0  # mean of head1, head2, head3
         return {"pred": pred, "pred1": pred1, "feature": feature, "fused": fused}
 
-    def loss(self, out: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def loss(self, out: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> LossOutput:
         """``MSE + γ · similarity`` of the current phase.
 
         Returns
         -------
-        ``{"loss", "mse", "mag"}`` in phase 1 (``mag`` between the fused token and CLS₂) or ``{"loss", "mse",
-        "align"}`` in phase 2 (``align`` between the prototype-attention output and the spot's own feature).
+        ``extra`` holds ``"mag"`` in phase 1 (between the fused token and CLS₂) or ``"align"`` in phase 2
+        (between the prototype-attention output and the spot's own feature).
         """
         cfg = self.config
         mse = F.mse_loss(out["pred"].float(), batch["target"].float())
         if self._phase == 1:
             sim = _similarity_loss(out["feature"], out["cls"], kind=cfg.mag_loss, margin=cfg.mag_loss_margin)
             weight = cfg.mag_loss_weight if self._progress >= cfg.mag_loss_warmup else 0.0
-            return {"loss": mse + weight * sim, "mse": mse.detach(), "mag": sim.detach()}
+            return LossOutput(loss=mse + weight * sim, mse=mse.detach(), extra={"mag": sim.detach()})
         sim = _similarity_loss(out["fused"], out["feature"], kind=cfg.mag_loss, margin=cfg.mag_loss_margin)
-        return {"loss": mse + cfg.align_weight * sim, "mse": mse.detach(), "align": sim.detach()}
+        return LossOutput(loss=mse + cfg.align_weight * sim, mse=mse.detach(), extra={"align": sim.detach()})
 
     def augment(self, batch: Mapping[str, Tensor], progress: float) -> dict[str, Tensor]:
         """Training augmentation on the device; records ``progress`` for the loss warm-up.

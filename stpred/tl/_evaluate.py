@@ -90,7 +90,7 @@ def evaluate(
     >>> scores.pivot(index="metric", columns="section", values="value")
     """
     from .. import metrics
-    from ._inputs import section_names
+    from .._sections import section_names
 
     table = _resolve_table(sdata, table_key)
     pred = _layer(table, key, role="prediction")
