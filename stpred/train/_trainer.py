@@ -156,6 +156,8 @@ def train_model(
         # the store gather lives in the module's `on_after_batch_transfer` on purpose (it needs the device)
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        # without a validation split the validation loader is an empty list, on purpose
+        warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
         # frozen sub-modules (MMAP's backbone) are kept in eval mode on purpose
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
         trainer.fit(module, datamodule=data)
