@@ -37,7 +37,6 @@ _MOVED = {
     "checkpoint_dir": "trainer_kwargs={'default_root_dir': ...}",
     "early_stopping_patience": "plan_kwargs={'early_stopping_patience': ...}",
     "val_fraction": "val=<fraction>",
-    "_register": "nothing (cross-validation fits are never registered)",
 }
 #: ``TrainDefaults`` fields set by ``fit``'s own arguments rather than ``plan_kwargs``.
 _DIRECT = ("max_epochs", "batch_size", "lr")
