@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._constants import BatchKeys
 from ._augment import dihedral, standardize
 from ._base import LossOutput, StpredModel, TrainDefaults
 from ._registry import register_model
@@ -234,7 +235,7 @@ class HiFusion(StpredModel):
         Any field of :class:`HiFusionConfig` except ``n_genes``.
     """
 
-    inputs = ("spot", "context")
+    inputs = (BatchKeys.SPOT, BatchKeys.CONTEXT)
     batching = "spots"
     name: str
 
@@ -337,7 +338,7 @@ class HiFusion(StpredModel):
             msg = f"HiFusion needs the batch keys {list(self.inputs)}; missing {missing} (found {sorted(batch)})."
             raise KeyError(msg)
         c = self.config
-        for key, size in (("spot", c.spot_size), ("context", c.context_size)):
+        for key, size in ((BatchKeys.SPOT, c.spot_size), (BatchKeys.CONTEXT, c.context_size)):
             shape = tuple(batch[key].shape)
             if len(shape) != 4 or shape[1] != 3 or shape[2] != size or shape[3] != size:
                 msg = (
@@ -346,7 +347,7 @@ class HiFusion(StpredModel):
                     f"`{key}_size` in the HiFusion config."
                 )
                 raise ValueError(msg)
-        if batch["spot"].shape[0] != batch["context"].shape[0]:
+        if batch[BatchKeys.SPOT].shape[0] != batch[BatchKeys.CONTEXT].shape[0]:
             msg = (
                 f"Expected as many context crops as spot crops, found {batch['context'].shape[0]} and "
                 f"{batch['spot'].shape[0]}."
@@ -406,10 +407,10 @@ class HiFusion(StpredModel):
         ``extra["aux_mse"]``: mean over levels of the auxiliary MSEs; ``extra["align"]``: ``Σ_{l>0} L1(F0, F_l)``
         (element means, unweighted).
         """
-        if "target" not in batch:
+        if BatchKeys.TARGET not in batch:
             msg = f"HiFusion's loss needs batch['target']; found the keys {sorted(batch)}."
             raise KeyError(msg)
-        target = batch["target"].float()
+        target = batch[BatchKeys.TARGET].float()
         pred = out["pred"].float()
         if pred.shape != target.shape:
             msg = f"Expected batch['target'] of shape {tuple(pred.shape)}, found {tuple(target.shape)}."

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .._constants import PATIENT_KEY, STPRED_TABLE, TARGET_LAYER, UNS_KEY
+from .._constants import PATIENT_KEY, STPRED_TABLE, TARGET_LAYER, UNS_KEY, BatchKeys
 from .._docs import doc_params, doc_sdata
 from .._provenance import plain, record, stpred_uns, versions
 from .._sections import rows_of, section_names
@@ -240,7 +240,7 @@ def fit_unregistered(
         "batch_size": plan.batch_size,
         "optim": asdict(plan),
         "best": result.best,
-        "embedding_key": embedding_key if "embedding" in net.inputs else None,
+        "embedding_key": embedding_key if BatchKeys.EMBEDDING in net.inputs else None,
         "config": asdict(net.config),
         "precision": str(trainer_kwargs.get("precision", "auto")),
         "versions": versions(),
