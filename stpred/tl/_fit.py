@@ -152,7 +152,7 @@ def fit(
         "tl.fit",
         model=name,
         seed=seed,
-        train=info["train_sections"],
+        train=check_sections(train, section_names(table)),
         checkpoint=info["checkpoint"],
         **model_kwargs,
     )
