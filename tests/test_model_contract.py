@@ -187,3 +187,28 @@ def test_unknown_model_lists_builtins_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "Unknown model 'nope'" in out
     assert "'hifusion', 'hist', 'mmap'" in out
+
+
+def test_fit_accepts_numpy_ints_and_user_callbacks(registered, sdata):
+    import lightning as L
+
+    class CountEpochs(L.Callback):
+        def __init__(self) -> None:
+            self.n = 0
+
+        def on_train_epoch_end(self, trainer, module) -> None:
+            self.n += 1
+
+    counter = CountEpochs()
+    predictor = stpred.tl.fit(
+        sdata,
+        "contract_mean_colour",
+        max_epochs=np.int64(3),
+        batch_size=np.int32(16),
+        trainer_kwargs={"callbacks": [counter]},
+        **FIT,
+    )
+    assert counter.n == 3
+    assert predictor.info["max_epochs"] == 3
+    assert type(predictor.info["batch_size"]) is int
+    assert len(predictor.history) == 3
