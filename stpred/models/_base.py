@@ -136,8 +136,9 @@ class StpredModel(nn.Module):
     A subclass declares, at class level:
 
     ``inputs``
-        Batch keys (:class:`stpred._constants.BatchKeys`) the engine supplies besides ``"target"``, e.g.
-        ``("spot", "context")``.
+        Batch keys the engine supplies besides ``"target"``: any of ``"spot"`` (uint8 crops ``(B, 3, S, S)``),
+        ``"context"`` (uint8 crops ``(B, 3, C, C)``), ``"embedding"`` (``(B, D)``), ``"coords"`` (lattice
+        indices ``(B, 2)``) and ``"slide"`` (section index ``(B,)``), e.g. ``("spot", "context")``.
     ``batching``
         ``"spots"`` (mini-batches of spots) or ``"slide"`` (one whole section per step).
     ``data_sizes``
@@ -250,7 +251,7 @@ class StpredModel(nn.Module):
         Parameters
         ----------
         store
-            The :class:`~stpred.train._data.TensorStore` of the fit or prediction (it may be extended in place).
+            The :class:`~stpred.train.TensorStore` of the fit or prediction (it may be extended in place).
         groups
             Row indices of each section taking part.
         """
@@ -263,7 +264,7 @@ class StpredModel(nn.Module):
         Parameters
         ----------
         store
-            :class:`~stpred.train._data.TensorStore` with the model's inputs and ``"target"`` for every row.
+            :class:`~stpred.train.TensorStore` with the model's inputs and ``"target"`` for every row.
         train_groups, val_groups
             Row indices of the training and validation spots, one array per section.
 
