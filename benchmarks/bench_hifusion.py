@@ -135,7 +135,7 @@ def measure(
         opt.zero_grad(set_to_none=True)
         with amp:
             out = fn(batch)
-            loss = model.loss(out, batch)["loss"]
+            loss = model.loss(out, batch).loss
         loss.backward()
         opt.step()
 

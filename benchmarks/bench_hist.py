@@ -206,7 +206,7 @@ def worker(cfg: dict) -> dict:
 
     def train(aug: bool = False):
         b = model.augment(batch, 0.0) if aug else batch
-        loss = model.loss(model(b), b)["loss"]
+        loss = model.loss(model(b), b).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -126,7 +126,7 @@ def bench_model(device: torch.device, *, backbone: str, kwargs: dict, batch_size
     def train_step() -> None:
         b = model.augment(batch, 0.5)
         with amp:
-            loss = model.loss(model(b), b)["loss"]
+            loss = model.loss(model(b), b).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -5,13 +5,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._constants import STPRED_TABLE
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
 
-def get_table(sdata: SpatialData, key: str, *, made_by: str | None = None) -> AnnData:
-    """Return ``sdata.tables[key]`` or raise a :class:`KeyError` naming the call that creates it."""
+_AUTO = "auto"
+
+
+def get_table(sdata: SpatialData, key: str, *, made_by: str | None = _AUTO) -> AnnData:
+    """Return ``sdata.tables[key]`` or raise a :class:`KeyError` naming the call that creates it.
+
+    ``made_by="auto"`` names :func:`stpred.pp.select_genes` for the ``stpred`` table and nothing for others.
+    """
+    if made_by == _AUTO:
+        made_by = "pp.select_genes" if key == STPRED_TABLE else None
     tables = getattr(sdata, "tables", None)
     if tables is None:
         msg = f"Expected a SpatialData object, found {type(sdata).__name__}."

@@ -43,7 +43,7 @@ def stubbed(_prepared, monkeypatch):
         calls.append(list(train))
         return _StubPredictor(list(train))
 
-    monkeypatch.setattr("stpred.tl._fit.fit", fake_fit)
+    monkeypatch.setattr("stpred.tl._fit.fit_unregistered", fake_fit)
     return spatialdata.deepcopy(_prepared), calls
 
 

@@ -20,8 +20,8 @@ SCRIPT = textwrap.dedent(
     stpred.pp.normalize(sdata)
     stpred.pp.extract_patches(sdata, size=64, context_size=128, progress=False)
     predictor = stpred.tl.fit(
-        sdata, "hifusion", max_epochs=2, batch_size=8, accelerator="cpu", devices=2, strategy="ddp",
-        progress=False, checkpoint_dir=sys.argv[1], **TINY_CONFIG
+        sdata, "hifusion", max_epochs=2, batch_size=8, progress=False, **TINY_CONFIG,
+        trainer_kwargs={"accelerator": "cpu", "devices": 2, "strategy": "ddp", "default_root_dir": sys.argv[1]},
     )
     rank = int(os.environ.get("LOCAL_RANK", 0))
     pred = predictor.predict(sdata, progress=False)

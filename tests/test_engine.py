@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import stpred
-from stpred.models import TrainDefaults, register_model
+from stpred.models import LossOutput, StpredModel, TrainDefaults, register_model
 from stpred.tl._splits import sample_specific_folds, slide_wise_folds, validation_split
 
 
@@ -24,7 +24,7 @@ class _ToyConfig:
 
 
 @register_model("toy_cnn")
-class ToyCNN(nn.Module):
+class ToyCNN(StpredModel):
     inputs = ("spot",)
     batching = "spots"
 
@@ -35,6 +35,10 @@ class ToyCNN(nn.Module):
         self.head = nn.Linear(self.config.width * 2, n_genes)
         self.augment_calls: list[float] = []
 
+    @property
+    def crop_sizes(self):
+        return self.config.spot_size, None
+
     def forward(self, batch):
         x = batch["spot"].float() / 255.0
         h = torch.relu(self.conv(x))
@@ -43,7 +47,7 @@ class ToyCNN(nn.Module):
 
     def loss(self, out, batch):
         mse = nn.functional.mse_loss(out["pred"], batch["target"])
-        return {"loss": mse, "mse": mse}
+        return LossOutput(loss=mse, mse=mse.detach())
 
     def augment(self, batch, progress):
         self.augment_calls.append(progress)
@@ -58,9 +62,10 @@ class _ToySlideConfig:
 
 
 @register_model("toy_slide")
-class ToySlide(nn.Module):
+class ToySlide(StpredModel):
     inputs = ("embedding", "coords")
     batching = "slide"
+    data_sizes = ("in_dim", "n_genes")
 
     def __init__(self, in_dim: int, n_genes: int, **config) -> None:
         super().__init__()
@@ -78,8 +83,6 @@ class ToySlide(nn.Module):
         c = (c - c.mean(0)) / (c.std(0) + 1)
         return {"pred": self.lin(torch.cat([batch["embedding"], c], 1))}
 
-    def loss(self, out, batch):
-        return {"loss": nn.functional.mse_loss(out["pred"], batch["target"])}
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +109,7 @@ FIT = {"max_epochs": 2, "progress": False}
 
 
 def test_fit_predict_history_and_provenance(prepared, tmp_path):
-    pred = stpred.tl.fit(prepared, "toy_cnn", train=["S0", "S1"], checkpoint_dir=tmp_path, **FIT)
+    pred = stpred.tl.fit(prepared, "toy_cnn", train=["S0", "S1"], trainer_kwargs={"default_root_dir": tmp_path}, **FIT)
     assert isinstance(pred.history, pd.DataFrame)
     assert {"train_loss", "val_loss", "epoch"} <= set(pred.history.columns)
     assert len(pred.history) == 2

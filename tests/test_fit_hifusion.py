@@ -38,6 +38,7 @@ def test_fit_records_history_and_validation(fitted):
     sdata, predictor = fitted
     history = predictor.history
     assert len(history) == 12
+    assert predictor.info["optim"]["batch_per_section"] is True  # the reference's one-section batches
     assert history["val_mse"].notna().all()
     # the restored weights are those of the best validation epoch
     assert predictor.info["best"][1]["epoch"] == int(history.loc[history["val_mse"].idxmin(), "epoch"])

@@ -28,7 +28,7 @@ def fitted():
 def test_short_fit_beats_training_mean(fitted, against_training_mean):
     sdata, predictor = fitted
     table = sdata.tables["stpred"]
-    assert "lattice" in table.obsm  # computed on demand by tl.fit
+    assert "lattice" not in table.obsm  # tl.fit computes the default lattice in memory and writes nothing
     value, baseline = against_training_mean(sdata, "stpred_hist", train=["S0", "S1"], test=["S2"])
     assert value["mse"] < 0.9 * baseline["mse"]
     assert value["pcc_gene"] > 0.2
@@ -57,3 +57,39 @@ def test_hist_errors(fitted):
     table.obsm["X_emb_bad"] = np.full((table.n_obs, 4), np.nan, dtype=np.float32)
     with pytest.raises(ValueError, match="NaN"):
         stpred.tl.fit(sdata, "hist", embedding_key="X_emb_bad", max_epochs=1, **TINY)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"max_epochs": 1.5}, ValueError, "max_epochs"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"lr": float("nan")}, ValueError, "lr"),
+        ({"plan_kwargs": {"optimizer": "sgd"}}, ValueError, "optimizer"),
+        ({"plan_kwargs": {"lr": 1e-3}}, TypeError, "directly"),
+        ({"plan_kwargs": {"momentum": 0.9}}, TypeError, "Unknown `plan_kwargs`"),
+        ({"trainer_kwargs": {"max_epochs": 3}}, ValueError, "pass `max_epochs=`"),
+        ({"val_fraction": 0.3}, TypeError, "val=<fraction>"),
+        ({"val": 1.5}, ValueError, r"in \(0, 1\)"),
+        ({"nan_target": True}, ValueError, "NaN or infinite values.*pp.normalize"),
+    ],
+)
+def test_refused_fit_leaves_sdata_unchanged(fitted, kwargs, error, match):
+    sdata, _ = fitted
+    table = sdata.tables["stpred"]
+    kwargs = dict(kwargs)
+    original = table.layers["target"]
+    if kwargs.pop("nan_target", False):
+        target = original.copy()
+        target[3, 1] = np.nan
+        table.layers["target"] = target
+    obsm, history, layers = sorted(table.obsm), list(table.uns["stpred"]["history"]), sorted(table.layers)
+    try:
+        with pytest.raises(error, match=match):
+            stpred.tl.fit(sdata, "hist", train=["S0", "S1"], embedding_key="X_emb_resnet18", **TINY, **kwargs)
+        assert sorted(table.obsm) == obsm
+        assert "lattice" not in table.obsm
+        assert list(table.uns["stpred"]["history"]) == history
+        assert sorted(table.layers) == layers
+    finally:
+        table.layers["target"] = original

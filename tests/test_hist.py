@@ -169,8 +169,9 @@ def test_forward_backward_all_parameters():
     out = model(batch)
     assert out["pred"].shape == (len(batch["coords"]), 4)
     losses = model.loss(out, batch)
-    assert set(losses) == {"loss", "mse"}
-    losses["loss"].backward()
+    assert not losses.extra  # plain MSE: the loss is the prediction MSE
+    torch.testing.assert_close(losses.loss.detach(), losses.mse)
+    losses.loss.backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
     # a leading batch dimension of one slide is accepted
     one = {k: v[None] for k, v in batch.items()}
@@ -218,7 +219,7 @@ def test_calibration_path_with_two_spots():
     # spot 0 only hears of spot 1 through the slide calibration tokens
     assert (a[0] - b[0]).abs().max() > 1e-4
     model.train()
-    model.loss(model({"embedding": emb, "coords": coords}), {"target": torch.zeros(2, 4)})["loss"].backward()
+    model.loss(model({"embedding": emb, "coords": coords}), {"target": torch.zeros(2, 4)}).loss.backward()
     assert model.encoder[0].layers[0].qkv_global.weight.grad.abs().sum() > 0
 
 
@@ -287,10 +288,12 @@ def test_plan_cache():
     assert len(model._plans) == 0
 
 
-def test_init_head_bias_and_hook():
+def test_init_head_bias():
     model = HiST(16, 4, **TINY)
-    model.on_fit_start(torch.arange(4.0))
+    model.init_head_bias(torch.arange(4.0))
     assert torch.equal(model.head.bias.detach(), torch.arange(4.0))
+    with pytest.raises(ValueError, match="per-gene mean"):
+        model.init_head_bias(torch.zeros(3))
 
 
 # ---------------------------------------------------------------------------------------------- augmentation
@@ -369,14 +372,14 @@ def test_short_fit_beats_mean_baseline():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-5)
     first = None
     for _ in range(30):
-        loss = model.loss(model(batch), batch)["loss"]
+        loss = model.loss(model(batch), batch).loss
         first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
     with torch.no_grad():
-        final = float(model.loss(model(batch), batch)["mse"])
+        final = float(model.loss(model(batch), batch).mse)
     print(f"fit: final {final:.4f}, mean baseline {baseline:.4f}, first {first:.4f}")
     assert final < 0.5 * baseline
     assert final < first
@@ -390,7 +393,7 @@ def test_bf16_autocast_cpu():
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(batch)
-        loss = model.loss(out, batch)["loss"]
+        loss = model.loss(out, batch).loss
     loss.backward()
     assert torch.isfinite(loss)
     model.eval()
@@ -412,6 +415,6 @@ def test_cuda_matches_cpu():
     cuda_batch = {k: v.cuda() for k, v in batch.items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         aug = model.augment(cuda_batch, 0.0)
-        loss = model.loss(model(aug), aug)["loss"]
+        loss = model.loss(model(aug), aug).loss
     loss.backward()
     assert torch.isfinite(loss)

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from stpred.pp._lattice import lattice_indices
+from stpred._lattice import lattice_indices
 
 
 def _rule_bruteforce(xy: np.ndarray, unit: float) -> np.ndarray:

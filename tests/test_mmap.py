@@ -178,7 +178,7 @@ def test_phase1_shapes_and_trainable_parameters() -> None:
     assert all(".lora_" in n for n in backbone)
     assert {n.split(".")[0] for n in trainable} == {"backbone", "local_attn", "head1", "head2"}
     losses = model.loss(out, {"target": torch.randn(4, G)})
-    losses["loss"].backward()
+    losses.loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
 
@@ -210,30 +210,30 @@ def test_mag_loss_warmup_uses_progress() -> None:
     model.augment(batch, 0.1)
     out = model(batch)
     early = model.loss(out, batch)
-    torch.testing.assert_close(early["loss"], F.mse_loss(out["pred"], batch["target"]))
+    torch.testing.assert_close(early.loss, F.mse_loss(out["pred"], batch["target"]))
     model.augment(batch, 0.6)
     late = model.loss(out, batch)
-    torch.testing.assert_close(late["loss"], late["mse"] + 0.1 * late["mag"])
+    torch.testing.assert_close(late.loss, late.mse + 0.1 * late.extra["mag"])
 
 
 def test_augment_draws_square_symmetries() -> None:
     model = tiny_mmap()
-    x = spots(16)
+    x = spots(64)
     torch.manual_seed(0)
-    out = model.augment({"spot": x, "target": torch.zeros(16, G)}, 0.0)["spot"]
+    out = model.augment({"spot": x, "target": torch.zeros(64, G)}, 0.0)["spot"]
     assert out.dtype == torch.uint8
     assert out.shape == x.shape
     seen = set()
-    for i in range(16):
+    for i in range(64):
         candidates = {}
         for k in range(4):
             for t in (False, True):
                 y = torch.rot90(x[i], k, dims=(-2, -1))
                 candidates[(k, t)] = y.transpose(-1, -2) if t else y
         match = [key for key, y in candidates.items() if torch.equal(y, out[i])]
-        assert match
+        assert len(match) == 1  # random crops are not symmetric: exactly one of the 8 maps explains the output
         seen.add(match[0])
-    assert len(seen) > 2
+    assert len(seen) == 8  # all 8 square symmetries are drawn (64 seeded draws)
     model.set_phase(2)
     assert model.augment({"spot": x}, 0.0)["spot"] is x
 
@@ -357,8 +357,8 @@ def test_phase2_freezes_phase1_and_combines_heads() -> None:
     cached = model({**batch, **enc})
     torch.testing.assert_close(cached["pred"], out["pred"])
     losses = model.loss(out, {"target": torch.randn(5, G)})
-    assert set(losses) == {"loss", "mse", "align"}
-    torch.testing.assert_close(losses["loss"], losses["mse"] + 0.1 * losses["align"])
+    assert set(losses.extra) == {"align"}
+    torch.testing.assert_close(losses.loss, losses.mse + 0.1 * losses.extra["align"])
     with pytest.raises(ValueError, match="Unknown phase 3"):
         model.set_phase(3)
 
@@ -490,7 +490,7 @@ def test_tiny_fit_reduces_loss_in_both_phases() -> None:
         for step in range(steps):
             model.train()
             batch = model.augment(batch, step / steps)
-            loss = model.loss(model(batch), batch)["loss"]
+            loss = model.loss(model(batch), batch).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -514,7 +514,7 @@ def test_gpu_bf16_both_phases_and_kmeans() -> None:
     batch = {"spot": x, "target": torch.randn(8, G, device=device), "slide": torch.zeros(8, dtype=torch.long)}
     with torch.autocast("cuda", dtype=torch.bfloat16):
         losses = model.loss(model.train()(model.augment(batch, 0.5)), batch)
-    losses["loss"].backward()
+    losses.loss.backward()
     feats = blobs(40, 32, 5).to(device)
     assert model.build_prototypes(feats, torch.zeros(40, dtype=torch.long)) == {0: 8}
     assert model.proto_bank.device.type == "cuda"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from stpred.models import get_model, list_models
+from stpred.models import LossOutput, StpredModel, TrainDefaults, get_model, list_models
 from stpred.models.hifusion import TINY_CONFIG as HIFUSION_TINY
 
 BUILTIN = ["hifusion", "hist", "mmap"]
@@ -24,24 +25,21 @@ TINY = {
 N_GENES, IN_DIM, N = 5, 16, 12
 
 
-def tiny_model(name: str) -> torch.nn.Module:
+def tiny_model(name: str) -> StpredModel:
     cls = get_model(name)
     torch.manual_seed(0)
-    if name == "hist":
-        return cls(IN_DIM, N_GENES, **TINY[name])
-    return cls(N_GENES, **TINY[name])
+    return cls.from_sizes({"n_genes": N_GENES, "in_dim": IN_DIM}, **TINY[name])
 
 
 def fake_batch(model: torch.nn.Module, n: int = N) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    cfg = model.config
     batch: dict[str, torch.Tensor] = {"target": torch.randn(n, N_GENES, generator=g)}
     for key in model.inputs:
         if key == "spot":
-            size = getattr(cfg, "spot_size", 32)
+            size = model.crop_sizes[0] or 32
             batch[key] = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
         elif key == "context":
-            size = cfg.context_size
+            size = model.crop_sizes[1]
             batch[key] = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
         elif key == "embedding":
             batch[key] = torch.randn(n, IN_DIM, generator=g)
@@ -57,7 +55,18 @@ def test_builtin_models_are_registered():
     for name in BUILTIN:
         cls = get_model(name.upper())
         assert cls.name == name
-        assert cls.batching in ("spots", "slide")
+        assert issubclass(cls, StpredModel)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_built_from_declared_data_sizes(name):
+    model = tiny_model(name)
+    # the model records exactly the sizes it declares, and rebuilding from them gives the same shapes
+    assert model.sizes() == {k: {"n_genes": N_GENES, "in_dim": IN_DIM}[k] for k in model.data_sizes}
+    again = type(model).from_sizes(model.sizes(), **TINY[name])
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="needs the data sizes"):
+        type(model).from_sizes({}, **TINY[name])
 
 
 @pytest.mark.parametrize("name", BUILTIN)
@@ -68,9 +77,12 @@ def test_backward_reaches_every_trainable_parameter(name):
     assert out["pred"].shape == (N, N_GENES)
     assert torch.isfinite(out["pred"]).all()
     losses = model.loss(out, batch)
-    assert losses["loss"].ndim == 0
-    assert torch.isfinite(losses["loss"])
-    losses["loss"].backward()
+    assert isinstance(losses, LossOutput)
+    # `mse` is the MSE of the final prediction, whatever auxiliary terms the loss adds
+    torch.testing.assert_close(losses.mse, F.mse_loss(out["pred"].float(), batch["target"]).detach())
+    assert losses.loss.ndim == 0
+    assert torch.isfinite(losses.loss)
+    losses.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"no gradient for {missing[:5]}"
 
@@ -83,11 +95,20 @@ def test_unknown_config_key_is_rejected(name):
         cls(*args, not_an_option=1)
 
 
-@pytest.mark.parametrize("name", BUILTIN)
-def test_train_defaults_are_declared(name):
-    model = tiny_model(name)
-    train = model.config.train
-    assert train.lr > 0
-    assert train.max_epochs > 0
-    assert train.batch_size > 0
-    assert train.optimizer in ("adam", "adamw")
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("lr", float("nan")), ("lr", 0.0), ("max_epochs", 1.5), ("batch_size", True), ("optimizer", "sgd"),
+     ("weight_decay", -1.0), ("early_stopping_patience", 0), ("batch_per_section", "yes")],
+)
+def test_train_defaults_refuse_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainDefaults(**{field: value})
+
+
+def test_train_defaults_accept_numpy_ints():
+    import numpy as np
+
+    plan = TrainDefaults(max_epochs=np.int64(3), batch_size=np.int32(8))
+    assert plan.max_epochs == 3
+    assert type(plan.max_epochs) is int
+    assert type(plan.batch_size) is int

@@ -13,13 +13,16 @@ _NAMES = {
     "register_model": "_registry",
     "get_model": "_registry",
     "list_models": "_registry",
+    "unregister_model": "_registry",
+    "StpredModel": "_base",
+    "LossOutput": "_base",
     "TrainDefaults": "_base",
 }
 __getattr__, __dir__, __all__ = attach(__name__, _NAMES)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._base import TrainDefaults
-    from ._registry import get_model, list_models, register_model
+    from ._base import LossOutput, StpredModel, TrainDefaults
+    from ._registry import get_model, list_models, register_model, unregister_model
     from .hifusion import HiFusion
     from .hist import HiST
     from .mmap import MMAP

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-from torch import nn
+from ._base import StpredModel
 
-M = TypeVar("M", bound=type[nn.Module])
+M = TypeVar("M", bound=type[StpredModel])
 
-_MODELS: dict[str, type[nn.Module]] = {}
+_MODELS: dict[str, type[StpredModel]] = {}
 #: Built-in models, imported on first use so that ``import stpred.models`` stays light.
 _BUILTIN = {"hifusion": "stpred.models.hifusion", "hist": "stpred.models.hist", "mmap": "stpred.models.mmap"}
 
@@ -32,10 +32,21 @@ def register_model(name: str) -> Callable[[M], M]:
 
     Returns
     -------
-    The decorator.
+    The decorator. It refuses classes that do not subclass :class:`~stpred.models.StpredModel`.
+
+    Examples
+    --------
+    >>> @stpred.models.register_model("my_model")
+    ... class MyModel(stpred.models.StpredModel): ...
     """
 
     def deco(cls: M) -> M:
+        if not (isinstance(cls, type) and issubclass(cls, StpredModel)):
+            msg = (
+                f"Cannot register {cls!r} as {name!r}: models must subclass `stpred.models.StpredModel` "
+                "(see its docstring for what a model declares)."
+            )
+            raise TypeError(msg)
         key = name.lower()
         if key in _MODELS and _MODELS[key] is not cls:
             msg = f"A model named {key!r} is already registered ({_MODELS[key].__name__})."
@@ -47,7 +58,22 @@ def register_model(name: str) -> Callable[[M], M]:
     return deco
 
 
-def get_model(name: str) -> type[nn.Module]:
+def unregister_model(name: str) -> None:
+    """Remove the model registered under ``name`` (for tests and interactive sessions).
+
+    Parameters
+    ----------
+    name
+        A registered name (case-insensitive).
+    """
+    key = name.lower()
+    if key not in _MODELS:
+        msg = f"No model named {key!r} is registered; registered models: {sorted(_MODELS)}."
+        raise ValueError(msg)
+    del _MODELS[key]
+
+
+def get_model(name: str) -> type[StpredModel]:
     """The model class registered under ``name``.
 
     Parameters
@@ -66,6 +92,7 @@ def get_model(name: str) -> type[nn.Module]:
     try:
         return _MODELS[name.lower()]
     except KeyError:
+        _import_builtin()
         msg = f"Unknown model {name!r}. Registered models: {sorted(_MODELS)}."
         raise ValueError(msg) from None
 

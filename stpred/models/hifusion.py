@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._constants import BatchKeys
 from ._augment import dihedral, standardize
-from ._base import TrainDefaults
+from ._base import LossOutput, StpredModel, TrainDefaults
 from ._registry import register_model
 from .encoders._weights import load_weights
 from .encoders.resnet import ResNet
@@ -123,7 +124,14 @@ class HiFusionConfig:
     context_weights: str | None = None  # §1.2: reference uses random init
     train: TrainDefaults = field(  # §4: Adam, lr 1e-3, L2 1e-5, cosine to 1e-6 over 50 epochs, batch 32
         default=TrainDefaults(
-            lr=1e-3, weight_decay=1e-5, optimizer="adam", scheduler="cosine", min_lr=1e-6, max_epochs=50, batch_size=32
+            lr=1e-3,
+            weight_decay=1e-5,
+            optimizer="adam",
+            scheduler="cosine",
+            min_lr=1e-6,
+            max_epochs=50,
+            batch_size=32,
+            batch_per_section=True,  # the reference draws every batch from one section (BatchNorm statistics)
         )
     )
 
@@ -177,7 +185,7 @@ TINY_CONFIG: dict[str, Any] = {"width": 8, "n_heads": 2, "spot_size": 64, "conte
 
 
 @register_model("hifusion")
-class HiFusion(nn.Module):
+class HiFusion(StpredModel):
     """HiFusion: hierarchical intra-spot modelling plus context-aware cross-scale fusion.
 
     Architecture (``reference/hifusion.md`` §1):
@@ -227,9 +235,14 @@ class HiFusion(nn.Module):
         Any field of :class:`HiFusionConfig` except ``n_genes``.
     """
 
-    inputs = ("spot", "context")
+    inputs = (BatchKeys.SPOT, BatchKeys.CONTEXT)
     batching = "spots"
     name: str
+
+    @property
+    def crop_sizes(self) -> tuple[int | None, int | None]:
+        """Side in pixels of the spot and context crops (``config.spot_size``, ``config.context_size``)."""
+        return self.config.spot_size, self.config.context_size
 
     def __init__(self, n_genes: int, **config: Any) -> None:
         super().__init__()
@@ -325,7 +338,7 @@ class HiFusion(nn.Module):
             msg = f"HiFusion needs the batch keys {list(self.inputs)}; missing {missing} (found {sorted(batch)})."
             raise KeyError(msg)
         c = self.config
-        for key, size in (("spot", c.spot_size), ("context", c.context_size)):
+        for key, size in ((BatchKeys.SPOT, c.spot_size), (BatchKeys.CONTEXT, c.context_size)):
             shape = tuple(batch[key].shape)
             if len(shape) != 4 or shape[1] != 3 or shape[2] != size or shape[3] != size:
                 msg = (
@@ -334,7 +347,7 @@ class HiFusion(nn.Module):
                     f"`{key}_size` in the HiFusion config."
                 )
                 raise ValueError(msg)
-        if batch["spot"].shape[0] != batch["context"].shape[0]:
+        if batch[BatchKeys.SPOT].shape[0] != batch[BatchKeys.CONTEXT].shape[0]:
             msg = (
                 f"Expected as many context crops as spot crops, found {batch['context'].shape[0]} and "
                 f"{batch['spot'].shape[0]}."
@@ -378,7 +391,7 @@ class HiFusion(nn.Module):
         level_preds = tuple(self.aux_head(f.mean(dim=(2, 3))) for f in maps)
         return {"pred": pred, "level_preds": level_preds, "level_features": tuple(maps), "fusion_weights": weights}
 
-    def loss(self, out: Mapping[str, Any], batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def loss(self, out: Mapping[str, Any], batch: Mapping[str, Tensor]) -> LossOutput:
         """HiFusion's training loss (§2), computed in float32.
 
         Parameters
@@ -390,14 +403,14 @@ class HiFusion(nn.Module):
 
         Returns
         -------
-        ``"loss"`` = ``mse + aux_mse + alignment_weight * align``; ``"mse"``: MSE of the final prediction;
-        ``"aux_mse"``: mean over levels of the auxiliary MSEs; ``"align"``: ``Σ_{l>0} L1(F0, F_l)`` (element
-        means, unweighted).
+        ``loss`` = ``mse + aux_mse + alignment_weight * align``; ``mse``: MSE of the final prediction;
+        ``extra["aux_mse"]``: mean over levels of the auxiliary MSEs; ``extra["align"]``: ``Σ_{l>0} L1(F0, F_l)``
+        (element means, unweighted).
         """
-        if "target" not in batch:
+        if BatchKeys.TARGET not in batch:
             msg = f"HiFusion's loss needs batch['target']; found the keys {sorted(batch)}."
             raise KeyError(msg)
-        target = batch["target"].float()
+        target = batch[BatchKeys.TARGET].float()
         pred = out["pred"].float()
         if pred.shape != target.shape:
             msg = f"Expected batch['target'] of shape {tuple(pred.shape)}, found {tuple(target.shape)}."
@@ -409,7 +422,7 @@ class HiFusion(nn.Module):
         for f in feats[1:]:
             align = align + F.l1_loss(feats[0].float(), f.float())
         loss = mse + aux + self.config.alignment_weight * align
-        return {"loss": loss, "mse": mse.detach(), "aux_mse": aux.detach(), "align": align.detach()}
+        return LossOutput(loss=loss, mse=mse.detach(), extra={"aux_mse": aux.detach(), "align": align.detach()})
 
     def augment(self, batch: Mapping[str, Tensor], progress: float) -> dict[str, Tensor]:
         """Training-time augmentation on the device: one random dihedral map per spot, same on both crops.

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._constants import BatchKeys
-from ..pp._lattice import lattice_indices
-from ._base import TrainDefaults
+from .._lattice import lattice_indices
+from ._base import LossOutput, StpredModel, TrainDefaults
 from ._lattice_ops import (
     CoarseMap,
     LevelTables,
@@ -323,7 +323,7 @@ def _as_config(in_dim: int, n_genes: int, config: dict[str, Any]) -> HiSTConfig:
 
 
 @register_model("hist")
-class HiST(nn.Module):
+class HiST(StpredModel):
     """HiST: hierarchical sparse transformer on the spot lattice of one whole slide.
 
     Input projection (``in_dim → width``, no bias, dropout), then a U-Net over dyadic lattice levels:
@@ -393,6 +393,7 @@ class HiST(nn.Module):
     name: str
     inputs = (BatchKeys.EMBEDDING, BatchKeys.COORDS)
     batching = "slide"
+    data_sizes = ("in_dim", "n_genes")
 
     def __init__(self, in_dim: int, n_genes: int, **config: Any) -> None:
         super().__init__()
@@ -544,7 +545,7 @@ class HiST(nn.Module):
         plan = self.prepare(coords)
         return {"pred": self.head(self.encode(emb, plan))}
 
-    def loss(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def loss(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> LossOutput:
         """Mean squared error over all spots x genes.
 
         Parameters
@@ -556,7 +557,7 @@ class HiST(nn.Module):
 
         Returns
         -------
-        ``{"loss": mse, "mse": mse}``.
+        ``loss`` = ``mse``.
         """
         if BatchKeys.TARGET not in batch:
             msg = f"HiST's loss needs batch key 'target'; found {sorted(batch)}."
@@ -568,7 +569,7 @@ class HiST(nn.Module):
             msg = f"Target of shape {tuple(target.shape)} does not match the prediction {tuple(pred.shape)}."
             raise ValueError(msg)
         mse = F.mse_loss(pred.float(), target.float())
-        return {"loss": mse, "mse": mse.detach()}
+        return LossOutput(loss=mse, mse=mse.detach())
 
     # -------------------------------------------------------------------------------------- fit hooks
 
@@ -586,10 +587,6 @@ class HiST(nn.Module):
             msg = f"Expected a per-gene mean of shape ({self.config.n_genes},), found {tuple(mean.shape)}."
             raise ValueError(msg)
         self.head.bias.copy_(mean.to(self.head.bias.device))
-
-    def on_fit_start(self, targets_mean: Tensor) -> None:
-        """Hook for the engine before training: initialises the head bias (see :meth:`init_head_bias`)."""
-        self.init_head_bias(targets_mean)
 
     # ------------------------------------------------------------------------------------------ augment
 

@@ -64,8 +64,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._constants import BatchKeys
 from .._validate import check_one_of, check_positive
-from ._base import TrainDefaults
+from ._base import LossOutput, StpredModel, TrainDefaults
 from ._kmeans import kmeans
 from ._registry import register_model
 from .encoders.lora import inject_lora, lora_parameters
@@ -305,7 +306,7 @@ def _similarity_loss(a: Tensor, b: Tensor, *, kind: str, margin: float) -> Tenso
 
 
 @register_model("mmap")
-class MMAP(nn.Module):
+class MMAP(StpredModel):
     """MMAP: multi-magnification LoRA-ViT features (phase 1) refined by per-slide prototypes (phase 2).
 
     Parameters
@@ -337,7 +338,7 @@ class MMAP(nn.Module):
 
     #: Batch keys the engine supplies; ``"slide"`` is only read in phase 2 but declared up front, because the
     #: engine builds its per-spot arrays once, before phase 1.
-    inputs: tuple[str, ...] = ("spot", "slide")
+    inputs: tuple[str, ...] = (BatchKeys.SPOT, BatchKeys.SLIDE)
     batching = "spots"
     @property
     def phases(self) -> tuple[int, ...]:
@@ -499,7 +500,7 @@ class MMAP(nn.Module):
         ``{"feature": (B, D) fused phase-1 token, "pred1": (B, n_genes) phase-1 prediction}``, float32.
         """
         with _eval_mode(self.backbone, self.local_attn, self.head1, self.head2):
-            out = self._phase1(batch["spot"], random=self.config.random_crops_at_inference)
+            out = self._phase1(batch[BatchKeys.SPOT], random=self.config.random_crops_at_inference)
         return {"feature": out["feature"].float(), "pred1": out["pred"].float()}
 
     # ------------------------------------------------------------------ phase 2
@@ -600,7 +601,7 @@ class MMAP(nn.Module):
         if self._phase != 2:
             return
         tensors = store.tensors
-        missing = [k for k in ("spot", "slide") if k not in tensors]
+        missing = [k for k in (BatchKeys.SPOT, BatchKeys.SLIDE) if k not in tensors]
         if missing:
             msg = f"MMAP phase 2 needs the store entries {missing}; found {sorted(tensors)}."
             raise KeyError(msg)
@@ -614,13 +615,13 @@ class MMAP(nn.Module):
         try:
             feats, preds = [], []
             for chunk in rows.split(batch_size):
-                spot = tensors["spot"].index_select(0, chunk.to(tensors["spot"].device)).to(device)
+                spot = tensors[BatchKeys.SPOT].index_select(0, chunk.to(tensors[BatchKeys.SPOT].device)).to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    enc = self.encode({"spot": spot})
+                    enc = self.encode({BatchKeys.SPOT: spot})
                 feats.append(enc["feature"])
                 preds.append(enc["pred1"])
             feature, pred1 = torch.cat(feats), torch.cat(preds)
-            slide = tensors["slide"].index_select(0, rows.to(tensors["slide"].device))
+            slide = tensors[BatchKeys.SLIDE].index_select(0, rows.to(tensors[BatchKeys.SLIDE].device))
             ks = self.build_prototypes(feature, slide)
         finally:
             self.to(home)
@@ -683,8 +684,8 @@ class MMAP(nn.Module):
                 msg = f"MMAP needs the batch key 'spot'; found {sorted(batch)}."
                 raise KeyError(msg)
             random = self.training or self.config.random_crops_at_inference
-            return self._phase1(batch["spot"], random=random)
-        if "slide" not in batch:
+            return self._phase1(batch[BatchKeys.SPOT], random=random)
+        if BatchKeys.SLIDE not in batch:
             msg = f"MMAP phase 2 needs the batch key 'slide' (section index of each spot); found {sorted(batch)}."
             raise KeyError(msg)
         if "feature" in batch and "pred1" in batch:
@@ -698,7 +699,7 @@ class MMAP(nn.Module):
         else:
             enc = self.encode(batch)
             feature, pred1 = enc["feature"], enc["pred1"]
-        tokens, key_mask = self._prototype_tokens(feature, batch["slide"])
+        tokens, key_mask = self._prototype_tokens(feature, batch[BatchKeys.SLIDE])
         fused = self.global_attn(tokens, key_mask)
         head3 = self.head3(fused)
         if self.config.head_weights == "reference":
@@ -707,22 +708,22 @@ class MMAP(nn.Module):
             pred = (2.0 * pred1 + head3) / 3.0  # mean of head1, head2, head3
         return {"pred": pred, "pred1": pred1, "feature": feature, "fused": fused}
 
-    def loss(self, out: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def loss(self, out: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> LossOutput:
         """``MSE + γ · similarity`` of the current phase.
 
         Returns
         -------
-        ``{"loss", "mse", "mag"}`` in phase 1 (``mag`` between the fused token and CLS₂) or ``{"loss", "mse",
-        "align"}`` in phase 2 (``align`` between the prototype-attention output and the spot's own feature).
+        ``extra`` holds ``"mag"`` in phase 1 (between the fused token and CLS₂) or ``"align"`` in phase 2
+        (between the prototype-attention output and the spot's own feature).
         """
         cfg = self.config
-        mse = F.mse_loss(out["pred"].float(), batch["target"].float())
+        mse = F.mse_loss(out["pred"].float(), batch[BatchKeys.TARGET].float())
         if self._phase == 1:
             sim = _similarity_loss(out["feature"], out["cls"], kind=cfg.mag_loss, margin=cfg.mag_loss_margin)
             weight = cfg.mag_loss_weight if self._progress >= cfg.mag_loss_warmup else 0.0
-            return {"loss": mse + weight * sim, "mse": mse.detach(), "mag": sim.detach()}
+            return LossOutput(loss=mse + weight * sim, mse=mse.detach(), extra={"mag": sim.detach()})
         sim = _similarity_loss(out["fused"], out["feature"], kind=cfg.mag_loss, margin=cfg.mag_loss_margin)
-        return {"loss": mse + cfg.align_weight * sim, "mse": mse.detach(), "align": sim.detach()}
+        return LossOutput(loss=mse + cfg.align_weight * sim, mse=mse.detach(), extra={"align": sim.detach()})
 
     def augment(self, batch: Mapping[str, Tensor], progress: float) -> dict[str, Tensor]:
         """Training augmentation on the device; records ``progress`` for the loss warm-up.

@@ -11,8 +11,9 @@ import pandas as pd
 
 from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE, image_key
 from .._docs import doc_params, doc_sdata
+from .._sections import section_names
 from .._validate import check_sections, get_table
-from ._spatial import _as_list, _section_order
+from ._spatial import _as_list
 from ._utils import (
     check_axes,
     doc_show_save,
@@ -112,7 +113,7 @@ def domains_data(
         ``uns[f"{key}_colors"]`` when it fits, else a default palette; with ``align=True`` each further key takes
         the colours of the first key's domains it overlaps most.
     """
-    table = get_table(sdata, table_key, made_by="pp.select_genes" if table_key == STPRED_TABLE else None)
+    table = get_table(sdata, table_key)
     keys = _as_list(key, name="key")
     missing = [k for k in keys if k not in table.obs]
     if missing:
@@ -121,7 +122,7 @@ def domains_data(
             "Domains come from `stpred.tl.domains(sdata, layer=...)`."
         )
         raise KeyError(msg)
-    sections = check_sections(sections, _section_order(table))
+    sections = check_sections(sections, section_names(table))
     labels_all = table.obs[SECTION_KEY].astype(str).to_numpy()
     xy_all = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)
     values: dict[str, np.ndarray] = {}

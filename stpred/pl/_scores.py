@@ -362,7 +362,7 @@ def gene_scores_data(
     from ._spatial import check_layers
 
     check_one_of(metric, ("pcc", "r2"), name="metric")
-    table = get_table(sdata, table_key, made_by="pp.select_genes" if table_key == STPRED_TABLE else None)
+    table = get_table(sdata, table_key)
     check_layers(table, [key, truth], table_key=table_key)
     pred = np.asarray(table.layers[key], dtype=np.float64)
     true = np.asarray(table.layers[truth], dtype=np.float64)

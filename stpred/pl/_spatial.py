@@ -11,6 +11,7 @@ import numpy as np
 
 from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE, TARGET_LAYER, image_key
 from .._docs import doc_params, doc_sdata
+from .._sections import section_names
 from .._validate import check_sections, get_table
 from ._utils import (
     check_axes,
@@ -61,14 +62,6 @@ def _as_list(value: str | Sequence[str], *, name: str) -> list[str]:
         msg = f"Expected at least one entry in `{name}`, found an empty list."
         raise ValueError(msg)
     return items
-
-
-def _section_order(table: AnnData) -> list[str]:
-    col = table.obs[SECTION_KEY]
-    present = list(dict.fromkeys(col.astype(str)))
-    if hasattr(col, "cat"):
-        return [str(c) for c in col.cat.categories if str(c) in present]
-    return present
 
 
 def check_genes(table: AnnData, genes: str | Sequence[str], *, table_key: str) -> list[str]:
@@ -129,10 +122,10 @@ def spatial_data(
     -------
     The rows, in display order.
     """
-    table = get_table(sdata, table_key, made_by="pp.select_genes" if table_key == STPRED_TABLE else None)
+    table = get_table(sdata, table_key)
     genes = check_genes(table, genes, table_key=table_key)
     layers = check_layers(table, layers, table_key=table_key)
-    sections = check_sections(sections, _section_order(table))
+    sections = check_sections(sections, section_names(table))
     lo, hi = percentiles
     if not 0 <= lo < hi <= 100:
         msg = f"Expected `percentiles` (low, high) with 0 <= low < high <= 100, found {percentiles!r}."

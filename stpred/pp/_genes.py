@@ -16,6 +16,7 @@ from scipy import sparse
 from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE, UNS_KEY
 from .._docs import doc_overwrite, doc_params, doc_sdata, doc_sections, doc_table_key
 from .._provenance import record
+from .._sections import section_names
 from .._validate import check_one_of, check_positive, check_sections, get_table
 from ._inplace import check_copy_inplace, table_copy
 
@@ -26,28 +27,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _FLAVORS = ("mean", "hvg")
-
-
-def section_names(adata: AnnData) -> list[str]:
-    """Sections of ``adata`` in a stable order (category order when categorical, else first appearance).
-
-    Parameters
-    ----------
-    adata
-        Table with an ``obs["section"]`` column.
-
-    Returns
-    -------
-    The section names that have at least one row.
-    """
-    if SECTION_KEY not in adata.obs:
-        msg = f"The table has no `obs[{SECTION_KEY!r}]` column; found {list(adata.obs.columns)}. Read the data with an `stpred.io` reader."
-        raise KeyError(msg)
-    col = adata.obs[SECTION_KEY]
-    present = pd.unique(col.astype(str))
-    if isinstance(col.dtype, pd.CategoricalDtype):
-        return [str(c) for c in col.cat.categories if str(c) in set(present)]
-    return [str(s) for s in present]
 
 
 def _check_counts(X: np.ndarray | sparse.spmatrix, *, name: str) -> None:

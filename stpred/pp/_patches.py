@@ -17,8 +17,8 @@ import pandas as pd
 from .._constants import INSTANCE_KEY, REGION_KEY, SECTION_KEY, STPRED_TABLE, image_key
 from .._docs import doc_params, doc_sdata, doc_sections
 from .._provenance import plain, record, stpred_uns
+from .._sections import section_names
 from .._validate import check_positive, check_sections, get_table
-from ._genes import section_names
 
 if TYPE_CHECKING:
     import os

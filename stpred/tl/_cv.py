@@ -187,7 +187,7 @@ def cross_validate(
     """
     from .. import metrics as _metrics
     from ._evaluate import protocol as _protocol
-    from ._fit import fit
+    from ._fit import fit_unregistered
     from ._inputs import target_matrix
     from ._splits import sample_specific_folds, slide_wise_folds
 
@@ -238,14 +238,13 @@ def cross_validate(
         test = fold["test"]
         panel_with_test |= gene_sections is None or bool(set(gene_sections) & set(test))
         logger.info("fold %d: train %s, test %s", fold["fold"], fold["train"], test)
-        predictor = fit(
+        predictor = fit_unregistered(
             sdata,
             name,
             train=fold["train"],
             group_key=group_key,
             table_key=table_key,
             progress=progress,
-            _register=False,
             **fit_kwargs,
         )
         fold["validation"] = predictor.info["validation"]

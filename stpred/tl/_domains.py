@@ -38,10 +38,6 @@ _LATTICE_NEIGHBOURS = {"legacy_st": 4, "synthetic": 4, "visium": 6}
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def _get_stpred_table(sdata: SpatialData, table_key: str) -> AnnData:
-    return get_table(sdata, table_key, made_by="pp.select_genes" if table_key == STPRED_TABLE else None)
-
-
 def _get_layer(table: AnnData, layer: str, *, table_key: str, name: str = "layer") -> np.ndarray:
     """Dense float64 copy of ``table.layers[layer]``, or a :class:`KeyError` listing the layers."""
     if not isinstance(layer, str):
@@ -201,7 +197,7 @@ def domains(
     >>> stpred.tl.domains(sdata, layer="stpred_hifusion", n_domains=4)  # doctest: +SKIP
     >>> stpred.tl.domain_agreement(sdata, "domains_stpred_hifusion", "domains_target")  # doctest: +SKIP
     """
-    table = _get_stpred_table(sdata, table_key)
+    table = get_table(sdata, table_key)
     values = _get_layer(table, layer, table_key=table_key)
     if n_domains is not None:
         if not isinstance(n_domains, int | np.integer) or isinstance(n_domains, bool):
@@ -343,7 +339,7 @@ def domain_agreement(
     """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-    table = _get_stpred_table(sdata, table_key)
+    table = get_table(sdata, table_key)
     p = _label_column(table, pred, table_key=table_key, name="pred")
     t = _label_column(table, truth, table_key=table_key, name="truth")
     groups = _label_column(table, by, table_key=table_key, name="by") if by is not None else None
@@ -410,7 +406,7 @@ def spatial_autocorr_agreement(
     import squidpy as sq
     from scipy.stats import pearsonr, spearmanr
 
-    table = _get_stpred_table(sdata, table_key)
+    table = get_table(sdata, table_key)
     pred_values = _get_layer(table, layer, table_key=table_key)
     truth_values = _get_layer(table, truth, table_key=table_key, name="truth")
     if n_neighs is not None:

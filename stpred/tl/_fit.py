@@ -1,29 +1,45 @@
-"""``tl.fit``: resolve the data, build the model, train it with the engine, record what was done."""
+"""``tl.fit``: resolve the data, build the model, hand it to the training runner, record what was done."""
 
 from __future__ import annotations
 
 import logging
-import os
+import math
+import numbers
 import tempfile
-from collections.abc import Sequence
-from dataclasses import asdict, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .._constants import PATIENT_KEY, STPRED_TABLE, UNS_KEY
+from .._constants import PATIENT_KEY, STPRED_TABLE, TARGET_LAYER, UNS_KEY, BatchKeys
 from .._docs import doc_params, doc_sdata
 from .._provenance import plain, record, stpred_uns, versions
-from .._validate import check_positive, check_sections, get_table
+from .._sections import rows_of, section_names
+from .._validate import check_sections, get_table
 from ._predictor import Predictor, register_fitted
 
 if TYPE_CHECKING:
+    from anndata import AnnData
     from spatialdata import SpatialData
 
     from ..pp._patches import PatchBank
 
 logger = logging.getLogger(__name__)
+
+#: Arguments that ``tl.fit`` no longer takes directly, and where they went.
+_MOVED = {
+    "accelerator": "trainer_kwargs={'accelerator': ...}",
+    "devices": "trainer_kwargs={'devices': ...}",
+    "strategy": "trainer_kwargs={'strategy': ...}",
+    "precision": "trainer_kwargs={'precision': ...}",
+    "checkpoint_dir": "trainer_kwargs={'default_root_dir': ...}",
+    "early_stopping_patience": "plan_kwargs={'early_stopping_patience': ...}",
+    "val_fraction": "val=<fraction>",
+}
+#: ``TrainDefaults`` fields set by ``fit``'s own arguments rather than ``plan_kwargs``.
+_DIRECT = ("max_epochs", "batch_size", "lr")
 
 
 @doc_params(sdata=doc_sdata)
@@ -32,68 +48,62 @@ def fit(
     model: str = "hifusion",
     *,
     train: Sequence[str] | None = None,
-    val: Sequence[str] | Literal[False] | None = None,
+    val: Sequence[str] | float | Literal[False] | None = None,
     max_epochs: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
-    accelerator: str = "auto",
-    devices: int | str | Sequence[int] = "auto",
-    strategy: str | Any = "auto",
-    precision: str | int | None = None,
     seed: int = 0,
     embedding_key: str | None = None,
     patches: PatchBank | None = None,
-    val_fraction: float = 0.2,
-    early_stopping_patience: int | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
     table_key: str = STPRED_TABLE,
     group_key: str = PATIENT_KEY,
-    trainer_kwargs: dict[str, Any] | None = None,
-    _register: bool = True,
+    plan_kwargs: Mapping[str, Any] | None = None,
+    trainer_kwargs: Mapping[str, Any] | None = None,
     **model_kwargs: Any,
 ) -> Predictor:
     """Train a model on the sections that have measured expression.
 
     The best epoch is chosen on a validation split that never comes from test sections: held-out training
     patients when the training sections span several patients, otherwise spatial blocks of each training
-    section (see ``val``). Training is seeded and, on the CPU, deterministic.
+    section (see ``val``). Training is seeded and, on the CPU, deterministic. Every argument is checked before
+    any work starts; a refused call leaves ``sdata`` unchanged.
 
     Parameters
     ----------
     {sdata}
     model
-        Registered model name: ``"hifusion"``, ``"hist"`` or ``"mmap"``.
+        Registered model name: ``"hifusion"``, ``"hist"``, ``"mmap"`` or one added with
+        :func:`stpred.models.register_model`.
     train
         Training sections (``None``: all). Sections not listed here are never seen in training.
     val
-        ``None``: automatic validation split (held-out patients, or spatial blocks of a single patient's
-        sections); a list of sections; ``False``: no validation (the last epoch is kept).
+        ``None``: automatic validation split holding out 20 % (held-out patients, or spatial blocks of a single
+        patient's sections); a float in (0, 1): the same rule with that fraction; a list of sections; ``False``:
+        no validation (the last epoch is kept).
     max_epochs, batch_size, lr
-        Override the model's defaults (``model.config.train``).
-    accelerator, devices, strategy, precision
-        Passed to :class:`lightning.pytorch.Trainer` (``strategy="ddp"`` for several GPUs). ``precision=None``
-        means ``"bf16-mixed"`` on CUDA and ``"32-true"`` on the CPU.
+        Override the model's defaults (``model.config.train``): positive ints, and a finite positive float.
     seed
         Seeds weights, batch order, augmentation and the validation split.
     embedding_key
         ``obsm`` key of the patch embeddings, for models that read embeddings (HiST).
     patches
         Patch bank (default: the one registered by :func:`stpred.pp.extract_patches`).
-    val_fraction
-        Fraction of patients or spots held out by the automatic validation rule.
-    early_stopping_patience
-        Stop after this many epochs without a better validation loss (``None``: train all epochs).
-    checkpoint_dir
-        Where checkpoints and the saved predictor go (default: a new temporary directory).
     progress
         Show progress bars.
     table_key
         Name of the ``stpred`` table.
     group_key
         ``obs`` column holding the patient of each section.
+    plan_kwargs
+        Other optimisation settings, overriding the model's defaults: any field of
+        :class:`~stpred.models.TrainDefaults` except the three above (``weight_decay``, ``optimizer``,
+        ``scheduler``, ``min_lr``, ``early_stopping_patience``, ``batch_per_section``).
     trainer_kwargs
-        Extra keyword arguments for :class:`lightning.pytorch.Trainer`.
+        Extra keyword arguments for :class:`lightning.pytorch.Trainer`: ``accelerator``, ``devices``,
+        ``strategy`` (``"ddp"`` for several GPUs), ``precision`` (default ``"bf16-mixed"`` on CUDA, ``"32-true"``
+        on the CPU), ``callbacks`` (added to stpred's), ``default_root_dir`` (where checkpoints and the saved
+        predictor go; default a new temporary directory), ...
     **model_kwargs
         Model configuration (see the model's config dataclass, e.g. :class:`stpred.models.hifusion.HiFusionConfig`).
 
@@ -113,100 +123,126 @@ def fit(
     ...                           spot_size=112, context_size=224, width=16)
     >>> predictor.history[["epoch", "train_mse", "val_mse"]]
     """
+    predictor = fit_unregistered(
+        sdata,
+        model,
+        train=train,
+        val=val,
+        max_epochs=max_epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        embedding_key=embedding_key,
+        patches=patches,
+        progress=progress,
+        table_key=table_key,
+        group_key=group_key,
+        plan_kwargs=plan_kwargs,
+        trainer_kwargs=trainer_kwargs,
+        **model_kwargs,
+    )
+    table = get_table(sdata, table_key)
+    name, info = predictor.name, predictor.info
+    register_fitted(sdata, predictor)
+    models = dict(stpred_uns(table).get("models", {}))
+    models[name] = plain({**info, "genes": predictor.genes, "normalize": predictor.normalize})
+    table.uns[UNS_KEY]["models"] = models
+    record(
+        table,
+        "tl.fit",
+        model=name,
+        seed=seed,
+        train=check_sections(train, section_names(table)),
+        checkpoint=info["checkpoint"],
+        **model_kwargs,
+    )
+    return predictor
+
+
+def fit_unregistered(
+    sdata: SpatialData,
+    model: str = "hifusion",
+    *,
+    train: Sequence[str] | None = None,
+    val: Sequence[str] | float | Literal[False] | None = None,
+    max_epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    embedding_key: str | None = None,
+    patches: PatchBank | None = None,
+    progress: bool = True,
+    table_key: str = STPRED_TABLE,
+    group_key: str = PATIENT_KEY,
+    plan_kwargs: Mapping[str, Any] | None = None,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+    **model_kwargs: Any,
+) -> Predictor:
+    """:func:`fit` without recording or registering the result (the per-fold fits of ``cross_validate``).
+
+    Same arguments as :func:`fit`.
+    """
     import lightning as L
-    import torch
 
     from ..models import get_model
-    from ..train import TensorStore, train_model
-    from ._inputs import model_arrays, model_sizes, section_names
+    from ..train import TensorStore, TrainRunner
+    from ..train._runner import check_trainer_kwargs
+    from ._inputs import model_arrays, model_sizes
     from ._splits import validation_split
 
-    table = get_table(sdata, table_key, made_by="pp.select_genes")
     cls = get_model(model)
     name = cls.name
-    all_sections = section_names(table)
-    train_sections = check_sections(train, all_sections)
-    for value, label in ((max_epochs, "max_epochs"), (batch_size, "batch_size"), (lr, "lr")):
-        if value is not None:
-            check_positive(value, name=label)
-    if not 0 < val_fraction < 1:
-        msg = f"Expected `val_fraction` in (0, 1), found {val_fraction!r}."
-        raise ValueError(msg)
+    table = get_table(sdata, table_key)
+    moved = sorted(set(model_kwargs) & set(_MOVED))
+    if moved:
+        msg = f"`stpred.tl.fit` no longer takes {moved}; pass " + "; ".join(f"{k} as {_MOVED[k]}" for k in moved) + "."
+        raise TypeError(msg)
+    overrides = _plan_overrides(max_epochs=max_epochs, batch_size=batch_size, lr=lr, plan_kwargs=plan_kwargs)
+    trainer_kwargs = dict(trainer_kwargs or {})
+    root = trainer_kwargs.pop("default_root_dir", None)
+    trainer_kwargs = check_trainer_kwargs(trainer_kwargs)
+    val, val_fraction = _check_val(val)
+    train_sections = check_sections(train, section_names(table))
     normalize = dict(stpred_uns(table).get("normalize", {}))
     if "method" not in normalize:
         msg = "The `stpred` table has no normalised targets. Run `stpred.pp.normalize(sdata)` first."
         raise KeyError(msg)
+    _check_targets(table, train_sections)
 
     L.seed_everything(seed, workers=True, verbose=False)
     sizes = model_sizes(cls, table, embedding_key=embedding_key)
-    net = cls(**sizes, **model_kwargs)
-    defaults = net.config.train
-    optim = replace(defaults, **{k: v for k, v in {"lr": lr}.items() if v is not None})
-    epochs = int(max_epochs or defaults.max_epochs)
-    bs = int(batch_size or defaults.batch_size)
-
-    arrays = model_arrays(sdata, table, net, embedding_key=embedding_key, patches=patches)
+    net = cls.from_sizes(sizes, **model_kwargs)
+    plan = replace(net.config.train, **overrides)
+    arrays = model_arrays(sdata, table, net, embedding_key=embedding_key, patches=patches, table_key=table_key)
     train_rows, val_rows, val_info = validation_split(
         table, train_sections, val=val, val_fraction=val_fraction, group_key=group_key, seed=seed
     )
-    train_groups = [r for r in train_rows.values() if len(r)]
-    val_groups = [r for r in val_rows.values() if len(r)]
-    _check_rows(name, train_groups, net.batching)
-    store = TensorStore(arrays)
-    target_mean = torch.from_numpy(arrays["target"][np.concatenate(train_groups)].mean(axis=0))
-    init_bias = getattr(net, "init_head_bias", None)
-    if init_bias is not None:
-        init_bias(target_mean)
-
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(tempfile.mkdtemp(prefix="stpred_"))
-    histories = []
-    best = {}
-    for phase in tuple(getattr(net, "phases", (1,))):
-        set_phase = getattr(net, "set_phase", None)
-        if set_phase is not None:
-            set_phase(phase)
-        prepare = getattr(net, "prepare_slides", None)
-        if prepare is not None:
-            prepare(store, [*train_groups, *val_groups])
-        hist, best_path, best_epoch = train_model(
-            net,
-            store,
-            train_groups,
-            val_groups,
-            optim=optim,
-            batching=net.batching,
-            max_epochs=epochs,
-            batch_size=bs,
-            seed=seed,
-            accelerator=accelerator,
-            devices=devices,
-            strategy=strategy,
-            precision=precision,
-            checkpoint_dir=checkpoint_dir,
-            early_stopping_patience=early_stopping_patience,
-            progress=progress,
-            phase=phase,
-            trainer_kwargs=trainer_kwargs,
-        )
-        histories.append(hist)
-        best[phase] = {"epoch": best_epoch, "checkpoint": None if best_path is None else str(best_path)}
-
-    import pandas as pd
-
-    history = pd.concat(histories, ignore_index=True) if histories else pd.DataFrame()
+    checkpoint_dir = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="stpred_"))
+    runner = TrainRunner(
+        net,
+        TensorStore(arrays),
+        list(train_rows.values()),
+        list(val_rows.values()),
+        plan=plan,
+        checkpoint_dir=checkpoint_dir,
+        seed=seed,
+        progress=progress,
+        trainer_kwargs=trainer_kwargs,
+    )
+    result = runner.run()
     info = {
         "seed": seed,
         "train_sections": [s for s in train_sections if s in train_rows],
         "validation": val_info,
-        "n_train_spots": int(sum(len(g) for g in train_groups)),
-        "n_val_spots": int(sum(len(g) for g in val_groups)),
-        "max_epochs": epochs,
-        "batch_size": bs,
-        "optim": asdict(optim),
-        "best": best,
-        "embedding_key": embedding_key if "embedding" in net.inputs else None,
+        "n_train_spots": int(sum(len(g) for g in runner.train_groups)),
+        "n_val_spots": int(sum(len(g) for g in runner.val_groups)),
+        "max_epochs": plan.max_epochs,
+        "batch_size": plan.batch_size,
+        "optim": asdict(plan),
+        "best": result.best,
+        "embedding_key": embedding_key if BatchKeys.EMBEDDING in net.inputs else None,
         "config": asdict(net.config),
-        "precision": str(precision) if precision is not None else "auto",
+        "precision": str(trainer_kwargs.get("precision", "auto")),
         "versions": versions(),
     }
     predictor = Predictor(
@@ -216,24 +252,73 @@ def fit(
         normalize=normalize,
         sizes=sizes,
         model_kwargs=model_kwargs,
-        history=history,
+        history=result.history,
         info=info,
     )
     saved = predictor.save(checkpoint_dir / "predictor", overwrite=True)
     predictor.info["checkpoint"] = str(saved)
-    if _register:
-        register_fitted(sdata, predictor)
-        models = dict(stpred_uns(table).get("models", {}))
-        models[name] = plain({**info, "checkpoint": str(saved), "genes": predictor.genes, "normalize": normalize})
-        table.uns[UNS_KEY]["models"] = models
-        record(table, "tl.fit", model=name, seed=seed, train=train_sections, checkpoint=str(saved), **model_kwargs)
     return predictor
 
 
-def _check_rows(name: str, train_groups: list[np.ndarray], batching: str) -> None:
-    if not train_groups:
-        msg = f"No training spots for {name!r}: every training section went to validation. Pass `val=` explicitly."
+def _plan_overrides(
+    *, max_epochs: Any, batch_size: Any, lr: Any, plan_kwargs: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The ``TrainDefaults`` fields to override, each checked (against a probe ``TrainDefaults``) before any work."""
+    from ..models import TrainDefaults
+
+    if plan_kwargs is not None and not isinstance(plan_kwargs, Mapping):
+        msg = f"Expected `plan_kwargs` to be a dict, found {type(plan_kwargs).__name__}."
+        raise TypeError(msg)
+    plan_kwargs = dict(plan_kwargs or {})
+    allowed = [f.name for f in fields(TrainDefaults) if f.name not in _DIRECT]
+    direct = sorted(set(plan_kwargs) & set(_DIRECT))
+    if direct:
+        msg = f"Pass {direct} to `stpred.tl.fit` directly (e.g. `lr=...`), not in `plan_kwargs`."
+        raise TypeError(msg)
+    unknown = sorted(set(plan_kwargs) - set(allowed))
+    if unknown:
+        msg = f"Unknown `plan_kwargs` {unknown}; expected some of {allowed}."
+        raise TypeError(msg)
+    for key, value in (("max_epochs", max_epochs), ("batch_size", batch_size)):
+        if value is not None and not (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
+            msg = f"Expected `{key}` to be a positive int, found {value!r}."
+            raise ValueError(msg)
+    if lr is not None and (
+        isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0
+    ):
+        msg = f"Expected `lr` to be a finite positive number, found {lr!r}."
         raise ValueError(msg)
-    if batching == "slide" and any(len(g) < 2 for g in train_groups):
-        msg = f"{name!r} trains on whole slides and needs at least two spots per training section."
+    overrides = {k: v for k, v in {"max_epochs": max_epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
+    overrides.update(plan_kwargs)
+    replace(TrainDefaults(), **overrides)  # runs every field check of TrainDefaults before any work
+    return overrides
+
+
+def _check_val(val: Any) -> tuple[Sequence[str] | Literal[False] | None, float]:
+    """``val`` as ``(val, val_fraction)`` for :func:`~stpred.tl._splits.validation_split`."""
+    if isinstance(val, numbers.Real) and not isinstance(val, bool):
+        if not 0 < float(val) < 1:
+            msg = f"Expected a validation fraction `val` in (0, 1), found {val!r}."
+            raise ValueError(msg)
+        return None, float(val)
+    if val is True:
+        msg = "`val=True` is ambiguous: pass `None` (automatic split), a fraction in (0, 1), sections, or `False`."
+        raise ValueError(msg)
+    return val, 0.2
+
+
+def _check_targets(table: AnnData, sections: Sequence[str]) -> None:
+    """Refuse NaN or infinite targets in the training sections, naming the fix."""
+    from ._inputs import target_matrix
+
+    target = target_matrix(table)
+    rows = np.concatenate(list(rows_of(table, sections).values()))
+    bad = ~np.isfinite(target[rows])
+    if bad.any():
+        spots = int(bad.any(axis=1).sum())
+        msg = (
+            f"`layers[{TARGET_LAYER!r}]` has {int(bad.sum())} NaN or infinite values in {spots} spot(s) of the "
+            "training sections. Re-run `stpred.pp.normalize(sdata)` on raw counts, or leave those sections out "
+            "of `train=`."
+        )
         raise ValueError(msg)

@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._constants import SECTION_KEY, TARGET_LAYER, BatchKeys
+from .._constants import SPATIAL_KEY, STPRED_TABLE, TARGET_LAYER, UNS_KEY, BatchKeys
+from .._sections import section_codes
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
+    from ..models import StpredModel
     from ..pp._patches import PatchBank
-
-
-def section_codes(table: AnnData) -> tuple[np.ndarray, list[str]]:
-    """Integer section index of every row, and the section names in first-appearance order."""
-    sections = table.obs[SECTION_KEY].astype(str).to_numpy()
-    names = list(dict.fromkeys(sections))
-    lookup = {s: i for i, s in enumerate(names)}
-    return np.array([lookup[s] for s in sections], dtype=np.int64), names
-
-
-def section_names(table: AnnData) -> list[str]:
-    """Section names in order of first appearance in the table."""
-    return section_codes(table)[1]
-
-
-def rows_of(table: AnnData, sections: list[str]) -> dict[str, np.ndarray]:
-    """Row indices of each section, in table order."""
-    col = table.obs[SECTION_KEY].astype(str).to_numpy()
-    return {s: np.flatnonzero(col == s) for s in sections}
 
 
 def target_matrix(table: AnnData) -> np.ndarray:
@@ -49,11 +31,10 @@ def _dense32(x: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
 
 
-def model_sizes(cls: type, table: AnnData, *, embedding_key: str | None) -> dict[str, int]:
-    """Data-derived constructor arguments (``n_genes``, ``in_dim``) of a model class."""
-    params = inspect.signature(cls.__init__).parameters
+def model_sizes(cls: type[StpredModel], table: AnnData, *, embedding_key: str | None) -> dict[str, int]:
+    """The data-derived sizes a model class declares in ``data_sizes`` (``n_genes``, ``in_dim``)."""
     sizes = {"n_genes": int(table.n_vars)}
-    if "in_dim" in params:
+    if "in_dim" in cls.data_sizes:
         key = _embedding_key(table, embedding_key)
         sizes["in_dim"] = int(np.asarray(table.obsm[key]).shape[1])
     return sizes
@@ -81,13 +62,14 @@ def _embedding_key(table: AnnData, embedding_key: str | None) -> str:
 def model_arrays(
     sdata: SpatialData,
     table: AnnData,
-    model: Any,
+    model: StpredModel,
     *,
     embedding_key: str | None = None,
     patches: PatchBank | None = None,
     with_target: bool = True,
+    table_key: str = STPRED_TABLE,
 ) -> dict[str, np.ndarray]:
-    """Per-row arrays for every batch key the model reads (all rows of ``table``)."""
+    """Per-row arrays for every batch key the model reads (all rows of ``table``); writes nothing to ``sdata``."""
     needed = set(model.inputs)
     arrays: dict[str, np.ndarray] = {}
     if needed & {BatchKeys.SPOT, BatchKeys.CONTEXT}:
@@ -101,7 +83,7 @@ def model_arrays(
     if BatchKeys.EMBEDDING in needed:
         key = _embedding_key(table, embedding_key)
         emb = np.asarray(table.obsm[key], dtype=np.float32)
-        expected = getattr(model.config, "in_dim", emb.shape[1])
+        expected = model.sizes().get("in_dim", emb.shape[1])
         if emb.shape[1] != expected:
             msg = f"Embedding {key!r} has {emb.shape[1]} dimensions; the model expects {expected}."
             raise ValueError(msg)
@@ -110,11 +92,7 @@ def model_arrays(
             raise ValueError(msg)
         arrays[BatchKeys.EMBEDDING] = emb
     if BatchKeys.COORDS in needed:
-        if "lattice" not in table.obsm:
-            from ..pp import lattice
-
-            lattice(sdata)
-        arrays[BatchKeys.COORDS] = np.asarray(table.obsm["lattice"], dtype=np.int64)
+        arrays[BatchKeys.COORDS] = _lattice(table, table_key)
     if BatchKeys.SLIDE in needed:
         arrays[BatchKeys.SLIDE] = section_codes(table)[0]
     if with_target:
@@ -122,11 +100,25 @@ def model_arrays(
     return arrays
 
 
-def _patch_bank(sdata: SpatialData, table: AnnData, model: Any, patches: PatchBank | None) -> PatchBank:
+def _lattice(table: AnnData, table_key: str) -> np.ndarray:
+    """``obsm["lattice"]`` when :func:`stpred.pp.lattice` wrote it, else the default lattice, computed in memory."""
+    from ..pp._lattice import compute_lattice
+
+    key = table.uns.get(UNS_KEY, {}).get("lattice", {}).get("key", "lattice")
+    if key in table.obsm:
+        return np.asarray(table.obsm[key], dtype=np.int64)
+    if SPATIAL_KEY not in table.obsm:
+        msg = "This model reads lattice coordinates: run `stpred.pp.lattice(sdata)` first."
+        raise KeyError(msg)
+    return compute_lattice(table, table_key=table_key)[0]
+
+
+def _patch_bank(sdata: SpatialData, table: AnnData, model: StpredModel, patches: PatchBank | None) -> PatchBank:
     from ..pp._patches import get_patch_bank
 
-    size = getattr(model.config, "spot_size", None)
-    context = getattr(model.config, "context_size", None) if BatchKeys.CONTEXT in model.inputs else None
+    size, context = model.crop_sizes
+    if BatchKeys.CONTEXT not in model.inputs:
+        context = None
     bank = patches if patches is not None else get_patch_bank(sdata, size=size, context_size=context)
     if size is not None and bank.size != size:
         msg = (

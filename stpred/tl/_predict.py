@@ -10,8 +10,8 @@ import numpy as np
 from .._constants import STPRED_TABLE, UNS_KEY, prediction_layer
 from .._docs import doc_overwrite, doc_params, doc_sdata
 from .._provenance import plain, record, stpred_uns
+from .._sections import section_names
 from .._validate import check_sections, get_table
-from ._inputs import section_names
 from ._predictor import Predictor, resolve_predictor
 
 if TYPE_CHECKING:

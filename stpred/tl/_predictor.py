@@ -17,8 +17,8 @@ from .._validate import check_sections, get_table
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
-    from torch import nn
 
+    from ..models import StpredModel
     from ..pp._patches import PatchBank
 
 _WEIGHTS = "weights.pt"
@@ -38,7 +38,7 @@ class Predictor:
     Attributes
     ----------
     model
-        The trained :class:`torch.nn.Module` (on the CPU, in eval mode).
+        The trained :class:`~stpred.models.StpredModel` (on the CPU, in eval mode).
     name
         Registered model name (``"hifusion"``, ``"hist"``, ``"mmap"``).
     genes
@@ -58,7 +58,7 @@ class Predictor:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: StpredModel,
         *,
         name: str,
         genes: list[str],
@@ -145,8 +145,10 @@ class Predictor:
         -------
         Array ``(n_spots, n_genes)`` for the rows of ``sections`` in table order, genes in table order.
         """
-        from ..train import TensorStore, run_inference
-        from ._inputs import model_arrays, rows_of, section_names
+        from .._sections import rows_of, section_names
+        from ..train import TensorStore
+        from ..train._trainer import run_inference
+        from ._inputs import model_arrays
 
         table = get_table(sdata, table_key, made_by="pp.select_genes")
         order = self.check_compatible(table)
@@ -159,18 +161,16 @@ class Predictor:
             embedding_key=embedding_key or self.info.get("embedding_key"),
             patches=patches,
             with_target=False,
+            table_key=table_key,
         )
         store = TensorStore(arrays)
         groups = list(rows_of(table, sections).values())
-        prepare = getattr(self.model, "prepare_slides", None)
-        if prepare is not None:
-            prepare(store, groups)
+        self.model.prepare_slides(store, groups)
         train_bs = int(self.info.get("batch_size") or 32)
         pred = run_inference(
             self.model,
             store,
             groups,
-            batching=self.model.batching,
             batch_size=batch_size or max(64, train_bs),
             device=device,
             progress=progress,

@@ -1,19 +1,12 @@
-"""The Lightning engine that trains any stpred model (kept apart from the architectures in :mod:`stpred.models`)."""
+"""The Lightning engine that trains any :class:`~stpred.models.StpredModel` (apart from the architectures).
+
+:func:`stpred.tl.fit` is the user entry point; :class:`TrainRunner` is the orchestration it calls (phases,
+hooks, checkpoints), for custom training scripts. Everything else in this package is private.
+"""
 
 from __future__ import annotations
 
-from ._callbacks import HistoryCallback
-from ._data import IndexDataModule, TensorStore
-from ._module import StpredModule
-from ._trainer import make_trainer, resolve_precision, run_inference, train_model
+from ._data import TensorStore
+from ._runner import TrainResult, TrainRunner
 
-__all__ = [
-    "HistoryCallback",
-    "IndexDataModule",
-    "StpredModule",
-    "TensorStore",
-    "make_trainer",
-    "resolve_precision",
-    "run_inference",
-    "train_model",
-]
+__all__ = ["TensorStore", "TrainResult", "TrainRunner"]

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+#: Key of the index batches the loaders yield (replaced by the gathered batch on the device).
+INDEX_KEY = "index"
+
 
 class TensorStore:
     """Per-spot tensors (uint8 crops, embeddings, targets, ...) aligned on one row index.
@@ -105,7 +108,7 @@ class _EpochShuffledBatches(Dataset, Sampler):
         return batches
 
     def set_epoch(self, epoch: int) -> None:
-        """Redraw the batches for ``epoch``."""
+        """Redraw the batches for ``epoch`` (Lightning calls this on the sampler at every epoch start)."""
         if epoch != self.epoch:
             self.epoch = epoch
             self._batches = self._make(epoch)
@@ -114,7 +117,7 @@ class _EpochShuffledBatches(Dataset, Sampler):
         return len(self._batches)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"index": torch.as_tensor(self._batches[i], dtype=torch.long)}
+        return {INDEX_KEY: torch.as_tensor(self._batches[i], dtype=torch.long)}
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(len(self._batches)))
@@ -130,16 +133,17 @@ class IndexDataModule(L.LightningDataModule):
     Parameters
     ----------
     train_groups, val_groups
-        Index arrays; each group is one slide (``"slide"`` batching: one group per step) or a pool of spots that
-        are batched together (``"spots"`` batching). Spot batches mix slides unless ``per_slide=True``.
+        Index arrays, one per section: ``"slide"`` batching takes one whole group per step; ``"spots"`` batching
+        draws mini-batches within each group (``batch_per_section=True``) or from all groups pooled.
     batching
         ``"spots"``: mini-batches of ``batch_size`` spots; ``"slide"``: one whole group per step.
     batch_size
         Spots per batch for ``"spots"`` batching.
     seed
         Seed of the batch order (re-drawn every epoch, deterministically).
-    per_slide
-        Keep every spot batch within one slide (HiFusion's reference batching).
+    batch_per_section
+        Draw every training spot batch from a single group (HiFusion's reference batching); ``False`` mixes
+        groups. Validation batches are never shuffled.
     """
 
     def __init__(
@@ -150,7 +154,7 @@ class IndexDataModule(L.LightningDataModule):
         batching: Literal["spots", "slide"] = "spots",
         batch_size: int = 32,
         seed: int = 0,
-        per_slide: bool = False,
+        batch_per_section: bool = False,
     ) -> None:
         super().__init__()
         if batching == "slide":
@@ -159,7 +163,7 @@ class IndexDataModule(L.LightningDataModule):
             val = list(val_groups)
         else:
             bs = batch_size
-            train = list(train_groups) if per_slide else [np.concatenate(list(train_groups))]
+            train = list(train_groups) if batch_per_section else [np.concatenate(list(train_groups))]
             val = [np.concatenate(list(val_groups))] if len(val_groups) else []
         self._train = _EpochShuffledBatches(train, batch_size=bs, shuffle=True, seed=seed)
         self._val = _EpochShuffledBatches(val, batch_size=bs, shuffle=False, seed=seed) if val else None
@@ -180,14 +184,5 @@ class IndexDataModule(L.LightningDataModule):
         if not self.has_val:
             return []
         return DataLoader(self._val, batch_size=1, shuffle=False, collate_fn=_collate_single)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Redraw the training batches for ``epoch``."""
-        self._train.set_epoch(epoch)
-
-
-def index_batches(n: int, batch_size: int) -> list[np.ndarray]:
-    """Consecutive index batches covering ``range(n)``."""
-    return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 

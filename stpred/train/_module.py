@@ -6,17 +6,18 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
 
-from ..models._base import TrainDefaults
-from ._data import TensorStore
+from .._constants import BatchKeys
+from ..models._base import StpredModel, TrainDefaults
+from ._data import INDEX_KEY, TensorStore
 
 
 class StpredModule(L.LightningModule):
-    """Train any stpred model (see :mod:`stpred.models._base` for what a model declares).
+    """Train any :class:`~stpred.models.StpredModel` through the loss the model defines.
 
     Batches arrive as ``{"index": LongTensor}``; the rows are gathered from ``store`` (kept on the training device
-    when it fits) right after the transfer, then the model's optional ``augment`` runs on the device.
+    when it fits) right after the transfer, then the model's ``augment`` hook runs on the device. On CUDA the
+    model is switched to channels_last.
 
     Parameters
     ----------
@@ -32,19 +33,17 @@ class StpredModule(L.LightningModule):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: StpredModel,
         store: TensorStore,
         optim: TrainDefaults,
         *,
         resident: bool | None = None,
-        channels_last: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
         self.store = store
         self.optim = optim
         self.resident = resident
-        self.channels_last = channels_last
         self._n_train_batches = 1
 
     # ----------------------------------------------------------------- inference
@@ -64,8 +63,7 @@ class StpredModule(L.LightningModule):
                 self.store.to(self.device)
             else:
                 self.store.pin_memory()
-            if self.channels_last:
-                self.model.to(memory_format=torch.channels_last)
+            self.model.to(memory_format=torch.channels_last)
 
     def on_train_epoch_start(self) -> None:
         """Remember the epoch length, for the training-progress value handed to ``augment``."""
@@ -74,8 +72,8 @@ class StpredModule(L.LightningModule):
 
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
         """Gather the batch rows from the store (one indexed op per tensor)."""
-        if "index" in batch:
-            return self.store.gather(batch["index"], device=self.device)
+        if INDEX_KEY in batch:
+            return self.store.gather(batch[INDEX_KEY], device=self.device)
         return batch
 
     # ----------------------------------------------------------------- training
@@ -84,29 +82,23 @@ class StpredModule(L.LightningModule):
         return min(1.0, (self.current_epoch + batch_idx / self._n_train_batches) / max_epochs)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """One optimisation step on ``batch`` (augmented by the model's ``augment`` hook, if any)."""
-        augment = getattr(self.model, "augment", None)
-        if augment is not None:
-            batch = augment(batch, self._progress(batch_idx))
+        """One optimisation step on ``batch`` (after the model's ``augment`` hook)."""
+        batch = self.model.augment(batch, self._progress(batch_idx))
         out = self.model(batch)
-        losses = dict(self.model.loss(out, batch))
-        n = int(batch["target"].shape[0])
-        if "mse" not in losses:  # always log the prediction MSE, comparable with `val_mse` across models
-            losses["mse"] = nn.functional.mse_loss(out["pred"].detach().float(), batch["target"].float())
-        self.log("train_loss", losses["loss"], prog_bar=True, on_step=False, on_epoch=True, batch_size=n)
-        parts = {f"train_{k}": v for k, v in losses.items() if k != "loss"}
-        if parts:
-            self.log_dict(parts, on_step=False, on_epoch=True, batch_size=n)
-        return losses["loss"]
+        losses = self.model.loss(out, batch)
+        n = int(batch[BatchKeys.TARGET].shape[0])
+        self.log("train_loss", losses.loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=n)
+        parts = {f"train_{k}": v for k, v in losses.logged().items()}
+        self.log_dict(parts, on_step=False, on_epoch=True, batch_size=n)
+        return losses.loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Validation loss of ``batch`` (the model's own loss, so that best-epoch choice matches training)."""
         out = self.model(batch)
         losses = self.model.loss(out, batch)
-        n = int(batch["target"].shape[0])
-        mse = nn.functional.mse_loss(out["pred"].float(), batch["target"].float())
-        self.log("val_loss", losses["loss"], prog_bar=True, on_epoch=True, batch_size=n, sync_dist=True)
-        self.log("val_mse", mse, on_epoch=True, batch_size=n, sync_dist=True)
+        n = int(batch[BatchKeys.TARGET].shape[0])
+        self.log("val_loss", losses.loss, prog_bar=True, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log("val_mse", losses.mse, on_epoch=True, batch_size=n, sync_dist=True)
 
     # ----------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> Any:

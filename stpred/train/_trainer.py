@@ -7,15 +7,14 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
-from ..models._base import TrainDefaults
+from ..models._base import StpredModel, TrainDefaults
 from ._callbacks import HistoryCallback
 from ._data import IndexDataModule, TensorStore
 from ._module import StpredModule
@@ -84,29 +83,24 @@ def make_trainer(
 
 
 def train_model(
-    model: nn.Module,
+    model: StpredModel,
     store: TensorStore,
     train_groups: Sequence[np.ndarray],
     val_groups: Sequence[np.ndarray] = (),
     *,
-    optim: TrainDefaults,
-    batching: Literal["spots", "slide"] = "spots",
-    max_epochs: int,
-    batch_size: int,
-    seed: int = 0,
-    accelerator: str = "auto",
-    devices: int | str | Sequence[int] = "auto",
-    strategy: str | Any = "auto",
-    precision: str | int | None = None,
+    plan: TrainDefaults,
     checkpoint_dir: str | os.PathLike,
-    early_stopping_patience: int | None = None,
+    seed: int = 0,
     progress: bool = True,
-    per_slide: bool = False,
     phase: int = 1,
     resident: bool | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
 ) -> tuple[pd.DataFrame, Path | None, int]:
-    """Train ``model`` in place and restore the weights of its best validation epoch.
+    """Train ``model`` in place for one phase and restore the weights of its best validation epoch.
+
+    ``plan`` gives the optimiser, schedule, epochs, batch size, early stopping and per-section batching;
+    ``trainer_kwargs`` go to :class:`lightning.pytorch.Trainer` (``accelerator``, ``devices``, ``strategy``,
+    ``precision``, ...).
 
     The best epoch is the one with the lowest validation MSE of the final prediction (``val_mse``): the
     quantity that is evaluated. A model's full loss (``val_loss``, also logged) may add auxiliary terms, such as
@@ -124,12 +118,18 @@ def train_model(
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     data = IndexDataModule(
-        train_groups, val_groups, batching=batching, batch_size=batch_size, seed=seed, per_slide=per_slide
+        train_groups,
+        val_groups,
+        batching=model.batching,
+        batch_size=plan.batch_size,
+        seed=seed,
+        batch_per_section=plan.batch_per_section,
     )
-    module = StpredModule(model, store, optim, resident=resident)
+    module = StpredModule(model, store, plan, resident=resident)
+    extra = dict(trainer_kwargs or {})
     history = HistoryCallback()
     history.phase = phase
-    callbacks: list[L.Callback] = [history]
+    callbacks: list[L.Callback] = [history, *extra.pop("callbacks", [])]
     checkpoint = None
     if data.has_val:
         checkpoint = ModelCheckpoint(
@@ -142,24 +142,22 @@ def train_model(
             enable_version_counter=False,
         )
         callbacks.append(checkpoint)
-        if early_stopping_patience is not None:
-            callbacks.append(EarlyStopping(monitor="val_mse", mode="min", patience=early_stopping_patience))
+        if plan.early_stopping_patience is not None:
+            callbacks.append(EarlyStopping(monitor="val_mse", mode="min", patience=plan.early_stopping_patience))
     trainer = make_trainer(
-        max_epochs=max_epochs,
-        accelerator=accelerator,
-        devices=devices,
-        strategy=strategy,
-        precision=precision,
+        max_epochs=plan.max_epochs,
         callbacks=callbacks,
         default_root_dir=checkpoint_dir,
         progress=progress,
         enable_checkpointing=checkpoint is not None,
-        **(trainer_kwargs or {}),
+        **extra,
     )
     with warnings.catch_warnings():
         # the store gather lives in the module's `on_after_batch_transfer` on purpose (it needs the device)
         warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        # without a validation split the validation loader is an empty list, on purpose
+        warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
         # frozen sub-modules (MMAP's backbone) are kept in eval mode on purpose
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
         trainer.fit(module, datamodule=data)
@@ -180,11 +178,10 @@ def train_model(
 
 @torch.inference_mode()
 def run_inference(
-    model: nn.Module,
+    model: StpredModel,
     store: TensorStore,
     groups: Sequence[np.ndarray],
     *,
-    batching: Literal["spots", "slide"] = "spots",
     batch_size: int = 64,
     device: str | torch.device | None = None,
     precision: str | None = None,
@@ -192,8 +189,8 @@ def run_inference(
 ) -> np.ndarray:
     """Predictions for the rows in ``groups`` (concatenated in that order), as float32 numpy.
 
-    Spots are processed in batches of ``batch_size`` (``"spots"``) or one group at a time (``"slide"``), with
-    bf16 autocast and channels_last on CUDA.
+    Spots are processed in batches of ``batch_size`` (``"spots"`` batching) or one group at a time (``"slide"``
+    batching, from ``model.batching``), with bf16 autocast and channels_last on CUDA.
     """
     from tqdm.auto import tqdm
 
@@ -205,7 +202,7 @@ def run_inference(
     model = model.to(device).eval()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    if batching == "slide":
+    if model.batching == "slide":
         batches = [np.asarray(g) for g in groups]
     else:
         flat = np.concatenate([np.asarray(g) for g in groups]) if len(groups) else np.zeros(0, np.int64)
