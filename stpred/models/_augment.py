@@ -1,11 +1,11 @@
-"""On-device image helpers shared by the image models: dihedral augmentation and per-image standardisation."""
+"""On-device image augmentation shared by the image models (pixel normalisation lives in :mod:`stpred._imaging`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-__all__ = ["N_DIHEDRAL", "dihedral", "standardize"]
+__all__ = ["N_DIHEDRAL", "dihedral"]
 
 #: Number of elements of the dihedral group of the square (4 rotations × optional flip).
 N_DIHEDRAL = 8
@@ -76,27 +76,3 @@ def _is_channels_last(x: Tensor) -> bool:
     """Whether ``x`` is stored channels_last (and not also plain contiguous, as when C == 1 or H == W == 1)."""
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
-
-def standardize(x: Tensor, *, eps: float = 1e-3) -> Tensor:
-    """Standardise each image and channel by its own mean and standard deviation over ``(H, W)``.
-
-    ``(x - mean) / std`` with the unbiased standard deviation, as the HiFusion reference does after
-    ``ToTensor`` (the result does not depend on the 1/255 scaling). Where ``std < eps`` (a flat channel, up to
-    float rounding) the reference's rule "std 0 → 1" applies, so a flat channel maps to 0.
-
-    Parameters
-    ----------
-    x
-        Images ``(..., H, W)`` of any dtype (``uint8`` crops from the patch bank).
-    eps
-        Threshold below which a standard deviation counts as 0, in the units of ``x`` (``1e-3`` grey level is far
-        below the smallest non-zero std of a 8-bit image of up to 10⁶ pixels, and far above float32 rounding).
-
-    Returns
-    -------
-    ``float32`` tensor of the same shape (and memory format) as ``x``.
-    """
-    xf = x.float()
-    std, mean = torch.std_mean(xf, dim=(-2, -1), keepdim=True, correction=1)
-    std = torch.where(std < eps, torch.ones_like(std), std)
-    return (xf - mean) / std

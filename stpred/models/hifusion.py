@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._augment import dihedral, standardize
+from .._imaging import standardize
+from ._augment import dihedral
 from ._base import TrainDefaults
 from ._registry import register_model
 from .encoders._weights import load_weights

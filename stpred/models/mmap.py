@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._imaging import imagenet_normalize, standardize
 from .._validate import check_one_of, check_positive
 from ._base import TrainDefaults
 from ._kmeans import kmeans
@@ -75,8 +76,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["MMAP", "MMAPConfig", "QueryAttention"]
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 _N_VIEWS = 3
 
 
@@ -373,8 +372,6 @@ class MMAP(nn.Module):
         self.head2 = nn.Linear(dim, n_genes)
         self.global_attn = QueryAttention(dim, **attn)
         self.head3 = nn.Linear(dim, n_genes)
-        self.register_buffer("pixel_mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("proto_bank", torch.zeros(0, cfg.proto_k_max, dim))
         self.register_buffer("proto_mask", torch.zeros(0, cfg.proto_k_max, dtype=torch.bool))
         self.register_buffer("proto_slides", torch.zeros(0, dtype=torch.long))
@@ -425,11 +422,10 @@ class MMAP(nn.Module):
 
     # ------------------------------------------------------------------ phase 1
     def _standardize(self, x: Tensor) -> Tensor:
+        """Normalise views scaled to [0, 1] as ``config.pixel_norm`` says."""
         if self.config.pixel_norm == "imagenet":
-            return (x - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
-        mean = x.mean(dim=(-2, -1), keepdim=True)
-        std = x.std(dim=(-2, -1), keepdim=True)
-        return (x - mean) / (std + 1e-6)
+            return imagenet_normalize(x)
+        return standardize(x, eps=1e-3 / 255.0).to(x.dtype)  # flat below 1e-3 grey level, as for HiFusion
 
     def make_views(self, x: Tensor, *, random: bool) -> Tensor:
         """The three magnification views of a batch of crops, as one batch.
