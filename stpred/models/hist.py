@@ -37,6 +37,27 @@ __all__ = ["HiST", "HiSTConfig"]
 
 _CALIBRATION = ("max", "mean", "fixed")
 
+#: Coordinate-augmentation recipes of :class:`HiSTConfig` (``augmentation=``): the values each one gives the
+#: ``aug_*`` options left unset. ``"official"``: the authors' released code as it trains; ``"paper"``: the
+#: schedule described by Wu et al. (2026); ``"none"``: off.
+AUGMENTATION_PRESETS: dict[str, dict[str, Any]] = {
+    "official": {
+        "aug_p": 0.75,
+        "aug_drop": 0.75,
+        "aug_shear_deg": 30.0,
+        "aug_schedule": "constant",
+        "aug_min_strength": 0.0,
+    },
+    "paper": {
+        "aug_p": 1.0,
+        "aug_drop": 0.2,
+        "aug_shear_deg": 15.0,
+        "aug_schedule": "cosine",
+        "aug_min_strength": 0.2,
+    },
+    "none": {"aug_p": 0.0, "aug_drop": 0.0, "aug_shear_deg": 0.0, "aug_schedule": "none", "aug_min_strength": 0.0},
+}
+
 
 @dataclass(frozen=True)
 class HiSTConfig:
@@ -72,16 +93,37 @@ class HiSTConfig:
         mean-pool, a fixed random token).
     fixed_token_std
         Std of the fixed token (§5.1 ``fix1e-4``).
+    augmentation
+        Named recipe for the coordinate augmentation (see :meth:`HiST.augment`); it fills every ``aug_*`` option
+        left at ``None``:
+
+        ============  ======  ========  =========  ==========  ==============================================
+        preset        aug_p   aug_drop  shear      schedule    source
+        ============  ======  ========  =========  ==========  ==============================================
+        ``official``  0.75    0.75      ±30°       constant    the authors' released code as it runs (its
+                                                               cosine schedule never reaches the data-loader
+                                                               workers, so training sees full strength)
+        ``paper``     1.0     0.2       ±15°       cosine,     Wu et al. (2026), training details: strength
+                                                   1 → 0.2     decaying from 1 to 0.2 over training
+        ``none``      0       0         0°         none        no augmentation
+        ============  ======  ========  =========  ==========  ==============================================
+
+        The default, ``"official"``, reproduces the released code's training. Individual ``aug_*`` options
+        override the preset's values.
     aug_p
-        Probability of each coordinate transform (mirror, shear, rotation) at full strength (§4: 0.75).
+        Probability of each coordinate transform (mirror, shear, rotation) at full strength.
     aug_drop
-        Fraction of spots dropped at full strength (§4: 0.75).
+        Fraction of spots dropped at full strength.
     aug_shear_deg
-        Largest shear angle in degrees (§4: 30).
+        Largest shear angle in degrees.
     aug_schedule
-        Strength of the augmentation over training: ``"cosine"`` (``0.5 (1 + cos(pi * progress))``, the paper's
-        design, §4.5), ``"constant"`` (full strength throughout: what the released code does in practice, §4.6)
-        or ``"none"``.
+        Strength of the augmentation over training (``progress`` from 0 to 1): ``"cosine"``
+        (``m + (1 - m) · 0.5 (1 + cos(pi · progress))`` with ``m = aug_min_strength``), ``"constant"`` (1
+        throughout) or ``"none"`` (0: no augmentation). The probabilities and the drop fraction are multiplied by
+        the strength; the shear range is not.
+    aug_min_strength
+        Strength the cosine schedule ends at (``"official"``: 0, as the released code's schedule was designed;
+        ``"paper"``: 0.2).
     cache_size
         Number of slides whose lattice tables are kept (per model instance, keyed by the coordinates' content).
     train
@@ -102,10 +144,12 @@ class HiSTConfig:
     rpb_std: float = 0.02
     calibration: tuple[str, ...] = _CALIBRATION
     fixed_token_std: float = 1e-4
-    aug_p: float = 0.75
-    aug_drop: float = 0.75
-    aug_shear_deg: float = 30.0
-    aug_schedule: Literal["cosine", "constant", "none"] = "cosine"
+    augmentation: Literal["official", "paper", "none"] = "official"
+    aug_p: float | None = None
+    aug_drop: float | None = None
+    aug_shear_deg: float | None = None
+    aug_schedule: Literal["cosine", "constant", "none"] | None = None
+    aug_min_strength: float | None = None
     cache_size: int = 16
     train: TrainDefaults = field(
         default_factory=lambda: TrainDefaults(
@@ -141,10 +185,21 @@ class HiSTConfig:
         if unknown or len(set(self.calibration)) != len(self.calibration) or not self.calibration:
             msg = f"Expected `calibration` to be distinct names from {list(_CALIBRATION)}, found {self.calibration!r}."
             raise ValueError(msg)
-        for name in ("attn_drop", "input_drop", "aug_p", "aug_drop"):
+        if self.augmentation not in AUGMENTATION_PRESETS:
+            msg = f"Unknown augmentation {self.augmentation!r}; expected one of {sorted(AUGMENTATION_PRESETS)}."
+            raise ValueError(msg)
+        for name, value in AUGMENTATION_PRESETS[self.augmentation].items():  # the preset fills what is unset
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        for name in ("attn_drop", "input_drop", "aug_drop"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 msg = f"Expected `{name}` in [0, 1), found {value!r}."
+                raise ValueError(msg)
+        for name in ("aug_p", "aug_min_strength"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                msg = f"Expected `{name}` in [0, 1], found {value!r}."
                 raise ValueError(msg)
         if not 0.0 <= self.aug_shear_deg < 90.0:
             msg = f"Expected `aug_shear_deg` in [0, 90), found {self.aug_shear_deg!r}."
@@ -594,22 +649,24 @@ class HiST(nn.Module):
     # ------------------------------------------------------------------------------------------ augment
 
     def aug_strength(self, progress: float) -> float:
-        """Augmentation strength in ``[0, 1]`` at ``progress`` (fraction of training done)."""
+        """Augmentation strength in ``[0, 1]`` at ``progress`` (fraction of training done), per ``aug_schedule``."""
         p = min(max(float(progress), 0.0), 1.0)
-        if self.config.aug_schedule == "none":
+        cfg = self.config
+        if cfg.aug_schedule == "none":
             return 0.0
-        if self.config.aug_schedule == "constant":
+        if cfg.aug_schedule == "constant":
             return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * p))
+        m = cfg.aug_min_strength
+        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * p))
 
     def augment(self, batch: dict[str, Tensor], progress: float) -> dict[str, Tensor]:
         """Random mirror, shear, rotation of the lattice about its centroid, and spot drop-out.
 
         Each transform is applied with probability ``aug_p * s`` and each spot is dropped with probability
-        ``aug_drop * s``, where ``s = aug_strength(progress)``. Mirror flips x and y each with probability 1/2;
-        shear is along x or y (1/2 each) by ``tan(U(-a, a))``; rotation is by a uniform angle. The transformed
-        positions are re-snapped to a collision-free lattice with
-        :func:`~stpred.pp._lattice.lattice_indices` (unit 1).
+        ``aug_drop * s``, where ``s = aug_strength(progress)`` (the ``augmentation`` preset of
+        :class:`HiSTConfig` sets these). Mirror flips x and y each with probability 1/2; shear is along x or y
+        (1/2 each) by a factor uniform in ``[-tan a, tan a]`` with ``a = aug_shear_deg``; rotation is by a
+        uniform angle. The transformed positions are re-snapped to a collision-free integer lattice (unit 1).
 
         Parameters
         ----------
@@ -631,17 +688,9 @@ class HiST(nn.Module):
         c = coords[0] if squeeze else coords
         self._check_coords(c)
         n = c.shape[0]
-        p, p_drop = self.config.aug_p * s, self.config.aug_drop * s
-        u = torch.rand(8).tolist()
-        t = np.eye(2)
-        if u[0] < p:  # mirror (positions are row vectors: new = pos @ T)
-            t = t @ np.diag([-1.0 if u[1] < 0.5 else 1.0, -1.0 if u[2] < 0.5 else 1.0])
-        if u[3] < p:  # shear
-            k = math.tan(math.radians(self.config.aug_shear_deg)) * (2.0 * u[4] - 1.0)
-            t = t @ (np.array([[1.0, k], [0.0, 1.0]]) if u[5] < 0.5 else np.array([[1.0, 0.0], [k, 1.0]]))
-        if u[6] < p:  # rotation
-            a = 2.0 * math.pi * u[7]
-            t = t @ np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+        p_drop = self.config.aug_drop * s
+        cfg = self.config
+        t, _ = _coordinate_transform(torch.rand(8).tolist(), p=cfg.aug_p * s, shear_deg=cfg.aug_shear_deg)
         keep = torch.rand(n) >= p_drop
         if int(keep.sum()) < 2:
             keep[:] = True
@@ -659,3 +708,22 @@ class HiST(nn.Module):
                 out[key] = val[idx.to(val.device)]
         out[BatchKeys.COORDS] = new[None] if squeeze else new
         return out
+
+
+def _coordinate_transform(u: list[float], *, p: float, shear_deg: float) -> tuple[np.ndarray, float]:
+    """The 2 × 2 map ``T`` (positions are row vectors: ``new = pos @ T``) drawn from 8 uniform numbers ``u``.
+
+    Mirror, then shear, then rotation, each applied when its gate ``u[i] < p``. Returns ``T`` and the shear factor
+    applied (0 when no shear was drawn).
+    """
+    t = np.eye(2)
+    k = 0.0
+    if u[0] < p:  # mirror: x and y each flipped with probability 1/2
+        t = t @ np.diag([-1.0 if u[1] < 0.5 else 1.0, -1.0 if u[2] < 0.5 else 1.0])
+    if u[3] < p:  # shear along x or y by a factor uniform in [-tan a, tan a]
+        k = math.tan(math.radians(shear_deg)) * (2.0 * u[4] - 1.0)
+        t = t @ (np.array([[1.0, k], [0.0, 1.0]]) if u[5] < 0.5 else np.array([[1.0, 0.0], [k, 1.0]]))
+    if u[6] < p:  # rotation by a uniform angle
+        a = 2.0 * math.pi * u[7]
+        t = t @ np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+    return t, k
