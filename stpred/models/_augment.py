@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["N_DIHEDRAL", "dihedral"]
+__all__ = ["N_DIHEDRAL", "brightness_contrast", "dihedral", "elastic"]
 
 #: Number of elements of the dihedral group of the square (4 rotations × optional flip).
 N_DIHEDRAL = 8
@@ -76,3 +79,123 @@ def _is_channels_last(x: Tensor) -> bool:
     """Whether ``x`` is stored channels_last (and not also plain contiguous, as when C == 1 or H == W == 1)."""
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
+
+
+def _max_value(x: Tensor) -> float:
+    """The white level of ``x``: 255 for ``uint8`` images, 1 for float images scaled to [0, 1]."""
+    if x.dtype == torch.uint8:
+        return 255.0
+    if x.is_floating_point():
+        return 1.0
+    msg = f"Expected uint8 images or float images scaled to [0, 1], found dtype {x.dtype}."
+    raise TypeError(msg)
+
+
+def _check_p(p: float, name: str = "p") -> None:
+    if not 0.0 <= p <= 1.0:
+        msg = f"Expected `{name}` in [0, 1], found {p!r}."
+        raise ValueError(msg)
+
+
+def _back_to(y: Tensor, like: Tensor, top: float) -> Tensor:
+    """Clip float ``y`` to ``[0, top]`` and return it in the dtype of ``like`` (rounded for ``uint8``)."""
+    y = y.clamp(0.0, top)
+    return y.round().to(torch.uint8) if like.dtype == torch.uint8 else y.to(like.dtype)
+
+
+def brightness_contrast(x: Tensor, *, p: float, brightness: float = 0.2, contrast: float = 0.2) -> Tensor:
+    """Random brightness and contrast per sample, each sample changed with probability ``p``.
+
+    A changed sample becomes ``x · a + b · top``, clipped to ``[0, top]``, with ``a`` uniform in
+    ``[1 - contrast, 1 + contrast]`` and ``b`` uniform in ``[-brightness, brightness]`` (``top`` is 255 for ``uint8``
+    images, 1 for float images): an affine map of the intensities, the same on every channel. Vectorised over the
+    batch on the images' device.
+
+    Parameters
+    ----------
+    x
+        Images ``(B, C, H, W)``, ``uint8`` or float in ``[0, 1]``.
+    p
+        Probability that a sample is changed; ``0`` returns ``x`` itself.
+    brightness, contrast
+        Largest brightness shift (fraction of ``top``) and largest relative contrast change.
+
+    Returns
+    -------
+    A new tensor of the same shape and dtype (``uint8`` values are rounded).
+    """
+    _check_p(p)
+    top = _max_value(x)
+    if p == 0.0:
+        return x
+    n, device = x.shape[0], x.device
+    draw = torch.rand(3, n, 1, 1, 1, device=device)
+    a = 1.0 + contrast * (2.0 * draw[0] - 1.0)
+    b = brightness * top * (2.0 * draw[1] - 1.0)
+    apply = draw[2] < p
+    xf = x.float()
+    return _back_to(torch.where(apply, xf * a + b, xf), x, top)
+
+
+def _gaussian_kernel(sigma: float, radius: int, device: torch.device) -> Tensor:
+    t = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def _smooth(field: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of ``(B, K, H, W)`` per channel (reflected borders, radius ``3 sigma``)."""
+    _, k, h, w = field.shape
+    radius = max(1, min(math.ceil(3.0 * sigma), h - 1, w - 1))
+    g = _gaussian_kernel(sigma, radius, field.device)
+    field = F.pad(field, (radius, radius, 0, 0), mode="reflect")
+    field = F.conv2d(field, g.view(1, 1, 1, -1).expand(k, 1, 1, -1), groups=k)
+    field = F.pad(field, (0, 0, radius, radius), mode="reflect")
+    return F.conv2d(field, g.view(1, 1, -1, 1).expand(k, 1, -1, 1), groups=k)
+
+
+def elastic(x: Tensor, *, p: float, alpha: float = 120.0, sigma: float = 6.0) -> Tensor:
+    """Random elastic deformation per sample, each sample deformed with probability ``p``.
+
+    The displacement field of a deformed sample is uniform noise in ``[-1, 1]`` per pixel and axis, smoothed by a
+    Gaussian of standard deviation ``sigma`` pixels and scaled by ``alpha`` pixels (the elastic distortion of
+    Simard et al. 2003); the image is resampled at the displaced positions (bilinear, reflected at the borders) with
+    :func:`torch.nn.functional.grid_sample`. Every sample of the batch is processed at once on its device.
+
+    Parameters
+    ----------
+    x
+        Images ``(B, C, H, W)``, ``uint8`` or float in ``[0, 1]``.
+    p
+        Probability that a sample is deformed; ``0`` returns ``x`` itself.
+    alpha
+        Scale of the displacement, in pixels of ``x``.
+    sigma
+        Smoothness of the displacement (Gaussian standard deviation), in pixels of ``x``.
+
+    Returns
+    -------
+    A new tensor of the same shape and dtype (``uint8`` values are rounded).
+    """
+    _check_p(p)
+    top = _max_value(x)
+    if x.ndim != 4:
+        msg = f"Expected images of shape (B, C, H, W), found {tuple(x.shape)}."
+        raise ValueError(msg)
+    if sigma <= 0 or alpha < 0:
+        msg = f"Expected `sigma` > 0 and `alpha` >= 0, found sigma={sigma!r}, alpha={alpha!r}."
+        raise ValueError(msg)
+    if p == 0.0:
+        return x
+    n, _, h, w = x.shape
+    device = x.device
+    apply = torch.rand(n, 1, 1, 1, device=device) < p
+    shift = _smooth(torch.rand(n, 2, h, w, device=device) * 2.0 - 1.0, sigma) * alpha  # (x, y) in pixels
+    ys = (2.0 * torch.arange(h, device=device, dtype=torch.float32) + 1.0) / h - 1.0  # pixel centres in [-1, 1]
+    xs = (2.0 * torch.arange(w, device=device, dtype=torch.float32) + 1.0) / w - 1.0
+    base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (H, W, 2) as (x, y)
+    scale = torch.tensor([2.0 / w, 2.0 / h], device=device)
+    grid = base + shift.permute(0, 2, 3, 1) * scale
+    xf = x.float()
+    warped = F.grid_sample(xf, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return _back_to(torch.where(apply, warped, xf), x, top)

@@ -55,6 +55,7 @@ Without the engine: ``set_phase(2)``; ``feats = encode(batch)["feature"]`` over 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ from torch import Tensor, nn
 
 from .._imaging import imagenet_normalize, standardize
 from .._validate import check_one_of, check_positive
+from ._augment import brightness_contrast, dihedral, elastic
 from ._base import TrainDefaults
 from ._kmeans import kmeans
 from ._registry import register_model
@@ -74,7 +76,11 @@ from .encoders.vit import VIT_ARCHS, VisionTransformer, create_vit, from_checkpo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MMAP", "MMAPConfig", "QueryAttention"]
+__all__ = ["MMAP", "MMAPConfig", "QueryAttention", "RandomBackboneWarning"]
+
+
+class RandomBackboneWarning(UserWarning):
+    """Raised when an :class:`MMAP` is built without pretrained backbone weights (``backbone_weights=None``)."""
 
 _N_VIEWS = 3
 
@@ -105,8 +111,19 @@ class MMAPConfig:
         Take the ½ and ¼ crops at random positions also in eval mode and in :meth:`MMAP.encode` (reference code,
         §1.1); by default they are centred at inference.
     augment
-        Random flips / 90° rotations / transposes of the spot crop in :meth:`MMAP.augment` (§1.1; the reference's
-        rare brightness/contrast jitter and elastic transform are not reproduced).
+        Training augmentation of the spot crop in phase 1 (:meth:`MMAP.augment`): random flips / 90° rotations /
+        transposes, then the brightness/contrast jitter and the elastic deformation below, in the order of the
+        authors' released code. ``False`` turns all of it off.
+    brightness_contrast_p
+        Probability of a random brightness/contrast change per crop (released code: 0.1); ``0`` turns it off.
+    brightness_limit, contrast_limit
+        Largest brightness shift (fraction of white) and relative contrast change (released code: 0.2 and 0.2,
+        the defaults of the albumentations transform it uses).
+    elastic_p
+        Probability of an elastic deformation per crop (released code: 0.5); ``0`` turns it off.
+    elastic_alpha, elastic_sigma
+        Scale and smoothness of the elastic displacement field, in pixels of the crop (released code: 120 and 6
+        on 224 px crops).
     attn_heads, attn_dim_head, attn_dropout
         One-query attention: 8 heads × 64, output dropout 0.2 (§1.3).
     mag_loss
@@ -157,6 +174,12 @@ class MMAPConfig:
     pixel_norm: Literal["imagenet", "per_image"] = "imagenet"
     random_crops_at_inference: bool = False
     augment: bool = True
+    brightness_contrast_p: float = 0.1
+    brightness_limit: float = 0.2
+    contrast_limit: float = 0.2
+    elastic_p: float = 0.5
+    elastic_alpha: float = 120.0
+    elastic_sigma: float = 6.0
     attn_heads: int = 8
     attn_dim_head: int = 64
     attn_dropout: float = 0.2
@@ -214,6 +237,18 @@ class MMAPConfig:
             if not 0.0 <= value < 1.0:
                 msg = f"Expected `{name}` in [0, 1), found {value!r}."
                 raise ValueError(msg)
+        for name in ("brightness_contrast_p", "elastic_p"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                msg = f"Expected `{name}` in [0, 1], found {value!r}."
+                raise ValueError(msg)
+        for name in ("brightness_limit", "contrast_limit"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                msg = f"Expected `{name}` in [0, 1), found {value!r}."
+                raise ValueError(msg)
+        check_positive(self.elastic_sigma, name="elastic_sigma")
+        check_positive(self.elastic_alpha, name="elastic_alpha", strict=False)
         if not 0.0 < self.proto_top_frac <= 1.0:
             msg = f"Expected `proto_top_frac` in (0, 1], found {self.proto_top_frac!r}."
             raise ValueError(msg)
@@ -351,6 +386,15 @@ class MMAP(nn.Module):
             self.backbone: VisionTransformer = from_checkpoint(cfg.backbone_weights, arch=cfg.backbone, **kwargs)
         else:
             self.backbone = create_vit(cfg.backbone, **kwargs)
+            warnings.warn(
+                f"MMAP's backbone is randomly initialised ({cfg.backbone!r}, `backbone_weights=None`); the paper's "
+                "model uses a pretrained UNI ViT-L/16 and only trains LoRA adapters and heads on it. Load weights "
+                "from a local timm-named checkpoint with `backbone_weights='path/to/pytorch_model.bin'` (for UNI also "
+                "`backbone='vit_large_patch16_224', backbone_kwargs={'init_values': 1e-5}`). A saved predictor "
+                "restored with `stpred.tl.load` replaces these random weights with its own.",
+                RandomBackboneWarning,
+                stacklevel=2,
+            )
         if cfg.lora_blocks > self.backbone.depth:
             msg = (
                 f"`lora_blocks`={cfg.lora_blocks} exceeds the depth {self.backbone.depth} of backbone "
@@ -723,10 +767,12 @@ class MMAP(nn.Module):
     def augment(self, batch: Mapping[str, Tensor], progress: float) -> dict[str, Tensor]:
         """Training augmentation on the device; records ``progress`` for the loss warm-up.
 
-        In phase 1 (with ``augment=True``) each spot crop is independently flipped vertically, flipped
-        horizontally and transposed with probability ½ each (a uniform draw from the 8 symmetries of the square,
-        the group the reference's flips, 90° rotations and transposes generate). Phase 2 uses no augmentation
-        (the reference trains it on cached features), so the batch is returned unchanged.
+        In phase 1 (with ``augment=True``) each spot crop receives, in the order of the authors' released code:
+        a uniform draw from the 8 symmetries of the square (the group its vertical flip, 90° rotation and
+        transpose generate), a random brightness/contrast change with probability ``brightness_contrast_p``, and an
+        elastic deformation with probability ``elastic_p`` (see :class:`MMAPConfig`). All of it runs batched on the
+        crops' device and keeps their dtype. Phase 2 uses no augmentation (the released code trains it on cached
+        features), so the batch is returned unchanged.
 
         Parameters
         ----------
@@ -743,14 +789,12 @@ class MMAP(nn.Module):
         batch = dict(batch)
         if self._phase != 1 or not self.config.augment or "spot" not in batch:
             return batch
-        x = batch["spot"]
-        b, device = x.shape[0], x.device
-        flip = torch.rand(3, b, device=device) < 0.5
-        x = torch.where(flip[0, :, None, None, None], x.flip(-2), x)
-        x = torch.where(flip[1, :, None, None, None], x.flip(-1), x)
-        if x.shape[-1] == x.shape[-2]:
-            x = torch.where(flip[2, :, None, None, None], x.transpose(-1, -2), x)
-        batch["spot"] = x
+        cfg = self.config
+        (x,) = dihedral(batch["spot"])
+        x = brightness_contrast(
+            x, p=cfg.brightness_contrast_p, brightness=cfg.brightness_limit, contrast=cfg.contrast_limit
+        )
+        batch["spot"] = elastic(x, p=cfg.elastic_p, alpha=cfg.elastic_alpha, sigma=cfg.elastic_sigma)
         return batch
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
