@@ -61,7 +61,10 @@ AUGMENTATION_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class HiSTConfig:
-    """Hyper-parameters of :class:`HiST`; defaults follow the official code (``reference/hist.md``).
+    """Hyper-parameters of :class:`HiST`; defaults follow the authors' released code (Wu et al. 2026, "111-21").
+
+    Values in parentheses are those of the released code's default model configuration unless marked "paper"
+    (Wu et al. 2026, ICML; arXiv:2606.14251).
 
     Parameters
     ----------
@@ -70,29 +73,29 @@ class HiSTConfig:
     n_genes
         Number of predicted genes. Read from the data.
     width
-        Token width at every level (§5.1: 1024 / ``embed_dim_div`` 2 = 512).
+        Token width at every level (1024 / 2 = 512).
     heads
-        Attention heads (§5.1: 8 of 64).
+        Attention heads (8 of 64).
     encoder_depths
-        Transformer layers per encoder level 0, 1, 2 (§5.1 ``slide_configs`` "111-21": 1, 1, 1).
+        Transformer layers per encoder level 0, 1, 2 ("111-21": 1, 1, 1).
     decoder_depths
-        Transformer layers per decoder stage, coarse to fine (§5.1 "111-21": 2 at level 1, 1 at level 0).
+        Transformer layers per decoder stage, coarse to fine ("111-21": 2 at level 1, 1 at level 0).
         Must have one entry fewer than ``encoder_depths``.
     window
-        Half window size: windows are ``2 * window`` cells wide (§5.1 ``window_size`` 3 → 6 x 6).
+        Half window size: windows are ``2 * window`` cells wide (3 → 6 x 6).
     ff_ratio
-        FFN expansion (§5.1: 4, ReLU).
+        FFN expansion (4, ReLU).
     attn_drop
-        Dropout on the attention weights (§5.1: 0.05).
+        Dropout on the attention weights (0.05).
     input_drop
-        Dropout after the input projection (§5.1: 0.05).
+        Dropout after the input projection (0.05).
     rpb_std
-        Init std of the relative-position bias tables (§5.1 ``pos_std`` 0.02, truncated normal).
+        Init std of the relative-position bias tables (0.02, truncated normal).
     calibration
-        Slide calibration tokens, built from the input embeddings (§5.1 ``token_init_types``: max-pool,
+        Slide calibration tokens, built from the input embeddings (max-pool,
         mean-pool, a fixed random token).
     fixed_token_std
-        Std of the fixed token (§5.1 ``fix1e-4``).
+        Std of the fixed token (1e-4).
     augmentation
         Named recipe for the coordinate augmentation (see :meth:`HiST.augment`); it fills every ``aug_*`` option
         left at ``None``:
@@ -127,8 +130,8 @@ class HiSTConfig:
     cache_size
         Number of slides whose lattice tables are kept (per model instance, keyed by the coordinates' content).
     train
-        Optimisation defaults (§6: AdamW, lr 1e-4, weight decay 1e-4 (paper; the released script uses 1e-5), cosine to 0 over 100 epochs, one slide per
-        step).
+        Optimisation defaults: AdamW, lr 1e-4, weight decay 1e-4 (paper; the released training script uses
+        1e-5), cosine to 0 over 100 epochs, one slide per step.
     """
 
     in_dim: int
@@ -154,7 +157,7 @@ class HiSTConfig:
     train: TrainDefaults = field(
         default_factory=lambda: TrainDefaults(
             lr=1e-4,
-            weight_decay=1e-4,  # the HiST paper; the released training script uses 1e-5 (§6)
+            weight_decay=1e-4,  # paper (Wu et al. 2026); the released training script uses 1e-5
             optimizer="adamw",
             scheduler="cosine",
             min_lr=0.0,
@@ -325,7 +328,7 @@ class Uncoarsen(nn.Module):
         self.width = width
         self.linear = nn.Linear(in_width, 4 * width, bias=False)
         self.norm = nn.LayerNorm(width)
-        # ICNR: the four children start identical (reference §5.5)
+        # ICNR: the four children start identical (as in the released code)
         base = torch.empty(width, in_width)
         nn.init.kaiming_normal_(base, mode="fan_out", nonlinearity="relu")
         with torch.no_grad():
@@ -406,29 +409,30 @@ class HiST(nn.Module):
 
     Notes
     -----
-    Deliberate differences from the official code (``reference/hist.md``); everything else follows it (width 512,
-    8 heads, "111-21", 6 x 6 windows, RPB tables of 11 x 11 per head and layer, three calibration tokens
-    [max, mean, fixed] pooled from the raw embeddings and re-projected by a Linear at every stage, concat skips,
-    ICNR uncoarsening, MSE loss, head bias from the mean target; 33,306,752 parameters at in_dim 1024 and 2000
-    genes, exactly the reference's trained count):
+    Deliberate differences from the authors' released code (also listed in ``docs/models.md``); everything else
+    follows it (width 512, 8 heads, "111-21", 6 x 6 windows, RPB tables of 11 x 11 per head and layer, three
+    calibration tokens [max, mean, fixed] pooled from the raw embeddings and re-projected by a Linear at every
+    stage, concat skips, ICNR uncoarsening, MSE loss, head bias from the mean target; 33,306,752 parameters at
+    in_dim 1024 and 2000 genes, exactly the released code's trained count):
 
     - **No sentinel tokens, padding masked.** The reference pads each slide with two zero "sentinel" tokens that
-      it never masks (they join window attention, coarsening and the max/mean pooling, §10.4). Here no sentinels
+      it never masks (they join window attention, coarsening and the max/mean pooling). Here no sentinels
       are added; window slots that hold no spot are masked out of every softmax, and the calibration tokens pool
       over real spots only (so the max token is not clipped at 0 and the mean divides by N, not N + 2). Window
       and dyadic alignment are relative to the slide's bounding box (``coords - min``), not to the reference's
       sentinel-padded canvas (offset by 2 or 3 cells); the output is invariant to translating ``coords``.
     - **Shifted windows always shifted.** The reference silently uses the regular partition twice when both
-      canvas sides are multiples of 6 (§5.3); here the shifted partition is always anchored at ``(-w, -w)``.
-    - **Augmentation schedule reaches the data.** The reference's cosine schedule is inert (constant p = 0.75 and
-      75 % spot drop for all epochs, §4.6); here :meth:`augment` computes its strength from ``progress``
-      (``aug_schedule="constant"`` reproduces the released behaviour). Augmentation starts from the integer
-      lattice (the batch carries no continuous positions) and re-snaps with
-      :func:`~stpred.pp._lattice.lattice_indices`, whose collision rule is the nearest free cell in rounds (the
-      reference's canonical mapper takes the first free cell of a square scan, its runtime mapper the nearest
-      free cell spot by spot).
-    - **No dead parameters.** The reference's head has a never-used global projection (2.05 M parameters,
-      §10.10); it is not built. The fixed calibration token is a buffer drawn from a generator seeded with 0.
+      canvas sides are multiples of 6; here the shifted partition is always anchored at ``(-w, -w)``.
+    - **Augmentation.** The default preset, ``augmentation="official"``, trains as the released code does in
+      practice: mirror, shear (±30°) and rotation each with p = 0.75 and 75 % of the spots dropped, at constant
+      strength (the released code's cosine schedule never reaches its data-loader workers).
+      ``augmentation="paper"`` follows the schedule described by Wu et al. (2026) instead. Augmentation starts
+      from the integer lattice (the batch carries no continuous positions) and re-snaps to a collision-free
+      lattice with the rule of :func:`stpred.pp.lattice` (nearest free cell, in rounds); the released code's
+      canonical mapper takes the first free cell of a square scan, its runtime mapper the nearest free cell spot
+      by spot.
+    - **No dead parameters.** The released code's head has a never-used global projection (2.05 M parameters);
+      it is not built. The fixed calibration token is a buffer drawn from a generator seeded with 0.
     - **Attention is windowed, not an edge list.** The same neighbourhoods as the reference's DGL union graph
       (minus the sentinels), computed window by window with an exact log-sum-exp merge of the two partitions,
       so keys and values are never copied per edge. Scores and softmax statistics stay in float32 under autocast.
@@ -521,7 +525,7 @@ class HiST(nn.Module):
 
         Returns
         -------
-        The :class:`~stpred.models._lattice_ops.SlidePlan` used by :meth:`forward`.
+        The slide's lattice plan (window tables of every level and the coarsening maps) used by :meth:`forward`.
         """
         self._check_coords(coords)
         coords = coords.long()

@@ -1,4 +1,8 @@
-"""MMAP: multi-magnification and prototype-enhanced spot expression prediction (PRICAI 2025, arXiv 2510.11344).
+"""MMAP: multi-magnification and prototype-enhanced spot expression prediction.
+
+"MMAP: A Multi-Magnification and Prototype-Aware Architecture for Predicting Spatial Gene Expression" (PRICAI 2025,
+arXiv:2510.11344). Details the paper leaves open follow the authors' released code; ``docs/models.md`` lists every
+remaining difference.
 
 Phase 1 (local, multi-magnification)
     Each spot crop gives three views: the full crop, a ½-side crop and a ¼-side crop, each resized back to the
@@ -14,7 +18,7 @@ Phase 2 (global, per-slide prototypes)
     prototypes of its slide (padded to ``⌊80/2⌋ = 40`` with a key-padding mask); ``head3`` reads the result. The
     prediction is the mean of the three heads; the loss is ``MSE + 0.1 · L_align(fused₂, feature)``.
 
-Differences from the released reference code (``reference/mmap.md``), each an option here:
+Differences from the authors' released code, each an option here:
 
 ================================  ======================  =====================================
 behaviour                         default (paper)         reference code
@@ -87,7 +91,7 @@ _N_VIEWS = 3
 
 @dataclass(frozen=True)
 class MMAPConfig:
-    """Hyper-parameters of :class:`MMAP`; values cite ``reference/mmap.md`` (§ numbers) or the paper.
+    """Hyper-parameters of :class:`MMAP`; values in parentheses are the paper's or the authors' released code's.
 
     Parameters
     ----------
@@ -95,21 +99,21 @@ class MMAPConfig:
         Number of genes to predict (from the data).
     backbone
         ViT architecture (a key of :data:`~stpred.models.encoders.vit.VIT_ARCHS`). The paper uses UNI
-        (``"vit_large_patch16_224"`` with ``init_values=1e-5``, §1.2); the default ViT-S/16 keeps CPU runs feasible.
+        (``"vit_large_patch16_224"`` with ``init_values=1e-5``); the default ViT-S/16 keeps CPU runs feasible.
     backbone_weights
         Local timm-named checkpoint for the backbone (e.g. UNI's ``pytorch_model.bin``); ``None``: random init.
     backbone_kwargs
         Architecture overrides passed to the constructor (``img_size``, ``init_values``, widths for tests).
     lora_rank, lora_alpha, lora_dropout
-        LoRA rank 16, α 32, dropout 0 (§1.2).
+        LoRA rank 16, α 32, dropout 0 (released code).
     lora_blocks
-        Adapters on the last ``lora_blocks`` blocks (§1.2: 9 of 24, blocks 15–23).
+        Adapters on the last ``lora_blocks`` blocks (released code: 9 of 24, blocks 15–23).
     pixel_norm
-        ``"imagenet"``: ImageNet mean/std (§1.1, what UNI expects); ``"per_image"``: standardise each view per
+        ``"imagenet"``: ImageNet mean/std (released code; what UNI expects); ``"per_image"``: standardise each view per
         channel.
     random_crops_at_inference
-        Take the ½ and ¼ crops at random positions also in eval mode and in :meth:`MMAP.encode` (reference code,
-        §1.1); by default they are centred at inference.
+        Take the ½ and ¼ crops at random positions also in eval mode and in :meth:`MMAP.encode` (released
+        code); by default they are centred at inference.
     augment
         Training augmentation of the spot crop in phase 1 (:meth:`MMAP.augment`): random flips / 90° rotations /
         transposes, then the brightness/contrast jitter and the elastic deformation below, in the order of the
@@ -125,42 +129,42 @@ class MMAPConfig:
         Scale and smoothness of the elastic displacement field, in pixels of the crop (released code: 120 and 6
         on 224 px crops).
     attn_heads, attn_dim_head, attn_dropout
-        One-query attention: 8 heads × 64, output dropout 0.2 (§1.3).
+        One-query attention: 8 heads × 64, output dropout 0.2 (released code).
     mag_loss
         ``"cosine"``: mean ``1 - cos`` (paper); ``"hinge"``: the reference's in-batch loss, ``1 - cos`` on matching
         pairs plus ``max(0, cos - margin)`` on all other pairs of the batch, summed and divided by the batch size
-        (§1.4). Used for the phase-1 magnification loss and the phase-2 alignment loss.
+        (released code). Used for the phase-1 magnification loss and the phase-2 alignment loss.
     mag_loss_margin
-        Hinge margin (§1.4: 0.2).
+        Hinge margin (released code: 0.2).
     mag_loss_weight
-        γ₁ = 0.1 (§1.4).
+        γ₁ = 0.1 (released code).
     mag_loss_warmup
-        Fraction of phase-1 training with the magnification loss switched off (reference: 5 of 50 epochs = 0.1).
+        Fraction of phase-1 training with the magnification loss switched off (released code: 5 of 50 epochs = 0.1).
     align_weight
-        γ₂ = 0.1 (§2.3).
+        γ₂ = 0.1 (released code).
     proto_k_min, proto_k_max, proto_spots_per_k
-        K = clip(N // 5, 32, 80) prototypes per slide of N spots (§2.1).
+        K = clip(N // 5, 32, 80) prototypes per slide of N spots (released code).
     proto_top_frac
-        Each spot attends to its top ``⌊K · 0.5⌋`` prototypes by cosine (§2.2).
+        Each spot attends to its top ``⌊K · 0.5⌋`` prototypes by cosine (released code).
     proto_metric
-        K-means metric: ``"euclidean"`` on the raw features (§2.1) or ``"cosine"``.
+        K-means metric: ``"euclidean"`` on the raw features (released code) or ``"cosine"``.
     proto_n_init
         K-means restarts (scikit-learn ≥ 1.4's k-means++ default: 1).
     proto_seed
-        K-means seed (reference: ``random_state=42``).
+        K-means seed (released code: 42).
     proto_padding
         ``"mask"``: padded prototype slots are masked out of the attention; ``"zeros"``: they enter as zero tokens
-        (reference, §2.2).
+        (released code).
     head_weights
         ``"mean"``: final prediction = mean of the three heads (paper); ``"reference"``: ¼·head1 + ¼·head2 +
-        ½·head3 (§2.3).
+        ½·head3 (released code).
     phase
         Last phase :func:`stpred.tl.fit` trains: ``2`` (default) runs phase 1 then phase 2; ``1`` stops after phase 1
         (predictions are then the mean of the two phase-1 heads). The model is built in phase 1; change it at
         run time with :meth:`MMAP.set_phase`.
     train
         Optimisation defaults for each phase: Adam, lr 1e-5, no weight decay, cosine to 1e-6, 50 epochs, batch 16
-        (§1.5, §2.4).
+        (released code).
     """
 
     n_genes: int
@@ -262,7 +266,7 @@ class MMAPConfig:
 
 
 class QueryAttention(nn.Module):
-    """One-query cross-attention: token 0 attends over all tokens (MMAP's fusion block, reference §1.3).
+    """One-query cross-attention: token 0 attends over all tokens (MMAP's fusion block).
 
     ``LayerNorm`` on all tokens, bias-free ``q``/``k``/``v`` projections to ``heads × dim_head``, the query taken
     from token 0 only, softmax attention, an output projection back to ``dim`` and dropout. No residual, no MLP.
@@ -326,7 +330,7 @@ def _eval_mode(*modules: nn.Module) -> Iterator[None]:
 
 
 def _similarity_loss(a: Tensor, b: Tensor, *, kind: str, margin: float) -> Tensor:
-    """``"cosine"``: mean ``1 - cos(aᵢ, bᵢ)``; ``"hinge"``: in-batch contrastive loss of the reference (§1.4)."""
+    """``"cosine"``: mean ``1 - cos(aᵢ, bᵢ)``; ``"hinge"``: in-batch contrastive loss of the released code."""
     a = F.normalize(a.float(), dim=-1)
     b = F.normalize(b.float(), dim=-1)
     if kind == "cosine":

@@ -429,7 +429,7 @@ def embed(
     ----------
     {sdata}
     encoder
-        A name from :func:`stpred.pp._embed.list_encoders`: ``"resnet10"``, ``"resnet18"``, ``"resnet34"``
+        A name from :func:`stpred.pp.list_encoders`: ``"resnet10"``, ``"resnet18"``, ``"resnet34"``
         (:mod:`stpred.models.encoders.resnet`, pooled ``8 × width`` features), ``"vit_tiny"``, ``"vit_small"``,
         ``"vit_base"``, ``"vit_large"`` (also as timm's ``"vit_large_patch16_224"`` etc.; the CLS token), or
         ``"uni"`` (ViT-L/16 with LayerScale ``init_values=1e-5``, into which the UNI checkpoint loads as it is).

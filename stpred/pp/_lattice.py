@@ -195,8 +195,8 @@ def lattice(
     """Place every spot on an integer lattice in physical units (the geometry HiST attends over).
 
     Per section, the spot centres ``obsm["spatial"]`` (pixels) are converted to microns with
-    ``uns["stpred"]["mpp"][section]`` and mapped with :func:`~stpred.pp._lattice.lattice_indices`: collision-free
-    rounding to the nearest free cell of a grid with step ``unit_um``, shifted to start at 0.
+    ``uns["stpred"]["mpp"][section]`` and mapped by collision-free rounding to the nearest free cell of a grid
+    with step ``unit_um``, shifted to start at 0.
 
     Parameters
     ----------
