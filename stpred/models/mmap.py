@@ -236,7 +236,7 @@ class MMAPConfig:
             check_positive(getattr(self, name), name=name)
         for name in ("mag_loss_weight", "align_weight"):
             check_positive(getattr(self, name), name=name, strict=False)
-        for name in ("lora_dropout", "attn_dropout", "mag_loss_warmup"):
+        for name in ("lora_dropout", "attn_dropout", "mag_loss_warmup", "brightness_limit", "contrast_limit"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 msg = f"Expected `{name}` in [0, 1), found {value!r}."
@@ -245,11 +245,6 @@ class MMAPConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 msg = f"Expected `{name}` in [0, 1], found {value!r}."
-                raise ValueError(msg)
-        for name in ("brightness_limit", "contrast_limit"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                msg = f"Expected `{name}` in [0, 1), found {value!r}."
                 raise ValueError(msg)
         check_positive(self.elastic_sigma, name="elastic_sigma")
         check_positive(self.elastic_alpha, name="elastic_alpha", strict=False)
