@@ -7,6 +7,9 @@ import pytest
 
 import stpred
 
+# the tiny test backbone is random on purpose (tests/test_mmap.py checks the warning)
+pytestmark = pytest.mark.filterwarnings("ignore::stpred.models.mmap.RandomBackboneWarning")
+
 VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 TINY = {
     "backbone": "vit",

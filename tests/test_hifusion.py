@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stpred._imaging import standardize
 from stpred.models import get_model
-from stpred.models._augment import dihedral, standardize
+from stpred.models._augment import dihedral
 from stpred.models._base import TrainDefaults
 from stpred.models.encoders.resnet import resnet10, resnet18
 from stpred.models.hifusion import TINY_CONFIG, HiFusion, HiFusionConfig, mosaic, tile

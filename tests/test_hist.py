@@ -300,7 +300,7 @@ def test_init_head_bias():
 
 
 def test_augment_schedule_strength():
-    model = HiST(16, 4, **TINY)
+    model = HiST(16, 4, **TINY, aug_schedule="cosine")  # the released code's designed schedule: 1 → 0
     assert model.aug_strength(0.0) == 1.0
     assert model.aug_strength(0.5) == pytest.approx(0.5)
     assert model.aug_strength(1.0) == pytest.approx(0.0)
@@ -308,6 +308,50 @@ def test_augment_schedule_strength():
     assert model.augment(batch, 1.0) is batch  # strength 0 at the end of training
     assert HiST(16, 4, **TINY, aug_schedule="constant").aug_strength(1.0) == 1.0
     assert HiST(16, 4, **TINY, aug_schedule="none").aug_strength(0.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("preset", "p", "drop", "shear", "start", "end"),
+    [("official", 0.75, 0.75, 30.0, 1.0, 1.0), ("paper", 1.0, 0.2, 15.0, 1.0, 0.2), ("none", 0.0, 0.0, 0.0, 0.0, 0.0)],
+)
+def test_augmentation_presets_apply_their_magnitudes(preset, p, drop, shear, start, end):
+    from stpred.models.hist import _coordinate_transform
+
+    model = HiST(16, 4, **TINY, augmentation=preset)
+    cfg = model.config
+    assert (cfg.aug_p, cfg.aug_drop, cfg.aug_shear_deg) == (p, drop, shear)
+    assert model.aug_strength(0.0) == pytest.approx(start)
+    assert model.aug_strength(1.0) == pytest.approx(end)
+    if preset == "paper":
+        assert model.aug_strength(0.5) == pytest.approx(0.6)  # cosine halfway between 1 and 0.2
+    # shear: the factor applied stays within tan(shear) and reaches close to it; gates open with probability p
+    rng = np.random.default_rng(0)
+    draws = [_coordinate_transform(rng.random(8).tolist(), p=cfg.aug_p, shear_deg=cfg.aug_shear_deg) for _ in range(2000)]
+    factors = np.array([k for _, k in draws])
+    bound = np.tan(np.radians(shear))
+    assert np.all(np.abs(factors) <= bound + 1e-12)
+    if shear:
+        assert np.abs(factors).max() > 0.95 * bound
+        assert np.mean(factors != 0) == pytest.approx(p, abs=0.04)
+    # drop: the fraction of spots removed by `augment` at the start and the end of training
+    batch = _slide(n=600)
+    n = len(batch["coords"])
+    torch.manual_seed(0)
+    for progress, strength in ((0.0, start), (1.0, end)):
+        kept = np.mean([len(model.augment(batch, progress)["coords"]) / n for _ in range(4)])
+        assert kept == pytest.approx(1.0 - drop * strength, abs=0.04)
+
+
+def test_augmentation_preset_fields_override_and_validate():
+    cfg = HiSTConfig(16, 4, augmentation="paper", aug_shear_deg=5.0)
+    assert (cfg.aug_shear_deg, cfg.aug_drop, cfg.aug_schedule) == (5.0, 0.2, "cosine")
+    assert HiSTConfig(16, 4).augmentation == "official"
+    saved = {k: v for k, v in asdict(cfg).items() if k not in ("in_dim", "n_genes")}
+    assert HiST(16, 4, **saved).config == cfg  # resolved values survive a save/load round trip
+    with pytest.raises(ValueError, match="Unknown augmentation"):
+        HiSTConfig(16, 4, augmentation="strong")
+    with pytest.raises(ValueError, match="aug_min_strength"):
+        HiSTConfig(16, 4, aug_min_strength=1.5)
 
 
 def test_augment_drops_spots_consistently():

@@ -1,15 +1,21 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from stpred.models import TrainDefaults, get_model
+from stpred.models._augment import brightness_contrast, elastic
 from stpred.models._kmeans import kmeans
 from stpred.models.encoders.lora import lora_parameters
 from stpred.models.encoders.vit import VisionTransformer
-from stpred.models.mmap import MMAP, MMAPConfig, QueryAttention, _similarity_loss
+from stpred.models.mmap import MMAP, MMAPConfig, QueryAttention, RandomBackboneWarning, _similarity_loss
+
+# the tiny test backbones are random on purpose; the warning itself is tested below
+pytestmark = pytest.mark.filterwarnings("ignore::stpred.models.mmap.RandomBackboneWarning")
 
 VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 TINY = {
@@ -217,7 +223,7 @@ def test_mag_loss_warmup_uses_progress() -> None:
 
 
 def test_augment_draws_square_symmetries() -> None:
-    model = tiny_mmap()
+    model = tiny_mmap(elastic_p=0.0, brightness_contrast_p=0.0)  # only the dihedral maps
     x = spots(64)
     torch.manual_seed(0)
     out = model.augment({"spot": x, "target": torch.zeros(64, G)}, 0.0)["spot"]
@@ -236,6 +242,71 @@ def test_augment_draws_square_symmetries() -> None:
     assert len(seen) == 8  # all 8 square symmetries are drawn (64 seeded draws)
     model.set_phase(2)
     assert model.augment({"spot": x}, 0.0)["spot"] is x
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_elastic_and_brightness_contrast_keep_dtype_shape_range(dtype) -> None:
+    x = spots(8)
+    x = x if dtype == torch.uint8 else x.float() / 255.0
+    top = 255 if dtype == torch.uint8 else 1.0
+    for out in (elastic(x, p=1.0), brightness_contrast(x, p=1.0, brightness=0.5, contrast=0.5)):
+        assert out.dtype == x.dtype
+        assert out.shape == x.shape
+        assert out.min() >= 0
+        assert out.max() <= top
+        assert not torch.equal(out, x)
+    # off: the input itself comes back
+    assert elastic(x, p=0.0) is x
+    assert brightness_contrast(x, p=0.0) is x
+    # no displacement / no change of intensity: identity (bilinear sampling at the pixel centres is exact)
+    torch.testing.assert_close(elastic(x, p=1.0, alpha=0.0), x)
+    torch.testing.assert_close(brightness_contrast(x, p=1.0, brightness=0.0, contrast=0.0), x)
+
+
+def test_elastic_and_brightness_contrast_respect_probability() -> None:
+    torch.manual_seed(0)
+    x = spots(400, size=16)
+    changed = {}
+    for name, fn, p in (
+        ("elastic", lambda t: elastic(t, p=0.5, sigma=2.0, alpha=20.0), 0.5),
+        ("color", lambda t: brightness_contrast(t, p=0.1), 0.1),
+    ):
+        out = fn(x)
+        changed[name] = (out != x).flatten(1).any(1).float().mean().item()
+        assert changed[name] == pytest.approx(p, abs=0.06), name  # 400 draws: 4 standard errors ≈ 0.06
+    # the elastic field moves pixels by a few pixels at most (alpha 20, sigma 2 on a 16 px crop), not globally
+    moved = elastic(x.float(), p=1.0, sigma=2.0, alpha=20.0)
+    assert (moved - x.float()).abs().mean() > 1.0
+
+
+def test_augment_applies_reference_probabilities_and_can_be_turned_off() -> None:
+    cfg = MMAPConfig(G)
+    assert (cfg.elastic_p, cfg.elastic_alpha, cfg.elastic_sigma) == (0.5, 120.0, 6.0)
+    assert (cfg.brightness_contrast_p, cfg.brightness_limit, cfg.contrast_limit) == (0.1, 0.2, 0.2)
+    x = spots(64)
+    torch.manual_seed(1)
+    out = tiny_mmap().augment({"spot": x}, 0.0)["spot"]
+    assert out.dtype == torch.uint8
+    assert out.shape == x.shape
+    torch.manual_seed(1)
+    flips = tiny_mmap(elastic_p=0.0, brightness_contrast_p=0.0).augment({"spot": x}, 0.0)["spot"]
+    differs = (out != flips).flatten(1).any(1).float().mean().item()
+    assert 0.35 < differs < 0.75  # elastic (p 0.5) or colour (p 0.1): 1 - 0.5 · 0.9 = 0.55 expected
+    assert tiny_mmap(augment=False).augment({"spot": x}, 0.0)["spot"] is x
+    with pytest.raises(ValueError, match="elastic_p"):
+        MMAPConfig(G, elastic_p=1.5)
+
+
+def test_random_backbone_warns_once_and_names_the_fix(tmp_path) -> None:
+    with pytest.warns(RandomBackboneWarning, match="backbone_weights=") as record:
+        tiny_mmap()
+    assert len([w for w in record if issubclass(w.category, RandomBackboneWarning)]) == 1
+    assert issubclass(RandomBackboneWarning, UserWarning)
+    path = tmp_path / "vit.pt"
+    torch.save(VisionTransformer(**VIT).state_dict(), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RandomBackboneWarning)
+        tiny_mmap(backbone_weights=str(path))  # pretrained weights: no warning
 
 
 def test_phase1_bf16_autocast() -> None:

@@ -224,6 +224,25 @@ def test_normalize_matches_hand_computation(tiny: SpatialData, method: str) -> N
     assert any(k.endswith("normalize") for k in out.uns["stpred"]["history"])
 
 
+def test_normalize_log10_cp10k_hand_example(tiny: SpatialData) -> None:
+    stpred.pp.select_genes(tiny, n_top=4)
+    out = tiny.tables["stpred"]
+    counts = np.zeros(out.shape)
+    counts[0, :4] = [1, 3, 0, 6]  # total 10: shares 0.1, 0.3, 0, 0.6
+    counts[1, :4] = [0, 0, 0, 0]  # no counts: all zeros, no NaN
+    counts[2, :4] = [0, 0, 5, 0]  # one gene: log10(1 + 1e4) ≈ 4.0000434
+    out.X = counts
+    stpred.pp.normalize(tiny, method="log10_cp10k")
+    target = out.layers["target"]
+    np.testing.assert_allclose(target[0, :4], [np.log10(1001), np.log10(3001), 0.0, np.log10(6001)], rtol=1e-6)
+    np.testing.assert_array_equal(target[1], 0.0)
+    np.testing.assert_allclose(target[2, :4], [0.0, 0.0, 4.0000434, 0.0], rtol=1e-6)
+    assert target[0, 0] == pytest.approx(3.000434, rel=1e-6)  # log10(1 + 1e4 * 0.1) by hand
+    assert out.uns["stpred"]["normalize"] == {"method": "log10_cp10k"}
+    history = out.uns["stpred"]["history"]
+    assert any(k.endswith("normalize") and history[k]["params"]["method"] == "log10_cp10k" for k in history)
+
+
 def test_normalize_uses_selected_genes_only(tiny: SpatialData) -> None:
     # the share is over the selected genes: doubling an unselected gene's counts changes nothing
     stpred.pp.select_genes(tiny, n_top=3)

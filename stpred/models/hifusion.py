@@ -1,6 +1,8 @@
 """HiFusion (AAAI 2026): hierarchical intra-spot features fused with a context view by cross-attention.
 
-Re-implemented from the description in ``docs/reference/hifusion.md`` (section numbers below refer to it): a
+Re-implemented from Weng et al. (2026), "HiFusion: Hierarchical Intra-Spot Alignment and Regional Context Fusion for
+Spatial Gene Expression Prediction from Histopathology" (AAAI 2026, arXiv:2511.12969), and the authors' released code
+wherever the paper leaves a detail open (noted as "released code" below; deviations are listed in ``docs/models.md``): a
 ResNet-18 trunk encodes the spot crop at three levels (the whole crop, a 2×2 grid and a 7×7 grid of sub-crops, the
 sub-crop feature maps mosaicked back in place), a ResNet-10 trunk encodes a twice larger context crop around the same
 centre, the three levels are mixed by softmax weights, and the pooled context token attends to 2×2 tokens of the
@@ -20,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._constants import BatchKeys
-from ._augment import dihedral, standardize
+from .._imaging import standardize
+from ._augment import dihedral
 from ._base import LossOutput, StpredModel, TrainDefaults
 from ._registry import register_model
 from .encoders._weights import load_weights
@@ -73,7 +76,7 @@ def mosaic(features: Tensor, grid: int) -> Tensor:
 
 @dataclass(frozen=True)
 class HiFusionConfig:
-    """Every HiFusion hyper-parameter; defaults reproduce the reference code (``reference/hifusion.md``).
+    """Every HiFusion hyper-parameter; defaults reproduce the authors' released code (Weng et al. 2026).
 
     Attributes
     ----------
@@ -107,22 +110,22 @@ class HiFusionConfig:
     """
 
     n_genes: int
-    spot_size: int = 224  # §1.1: 224 px spot crop
-    context_size: int = 448  # §1.1: 448 px "neighbor" crop, same centre
-    grids: tuple[int, ...] = (1, 2, 7)  # §1.3: hism_level=[1, 4, 49] sub-patches = 1×1, 2×2, 7×7 grids
-    spot_layers: tuple[int, ...] = (2, 2, 2, 2)  # §1.2: torchvision resnet18
-    context_layers: tuple[int, ...] = (1, 1, 1, 1)  # §1.2: "ResNet-10" = ResNet(BasicBlock, [1, 1, 1, 1])
-    width: int = 64  # §1.2: standard widths 64/128/256/512 → 512-d features
-    n_heads: int = 8  # §1.5: 8 heads, head_dim 64
-    attn_dropout: float = 0.1  # §1.5: dropout 0.1 on the attention probabilities
-    token_grid: int = 2  # §1.5: AdaptiveAvgPool2d((2, 2)) → 4 key/value tokens
-    fusion_temperature: float = 1.0  # §1.4: fixed temperature 1.0
-    alignment_weight: float = 0.5  # §2: 0.5 · [L1(F0, F1) + L1(F0, F2)]
-    augment: bool = True  # §3.4: random h/v flips and a 90° rotation = the 8 dihedral maps, same on both crops
+    spot_size: int = 224  # released code: 224 px spot crop
+    context_size: int = 448  # released code: 448 px "neighbor" crop, same centre
+    grids: tuple[int, ...] = (1, 2, 7)  # released code: 1, 4 and 49 sub-patches = 1×1, 2×2, 7×7 grids
+    spot_layers: tuple[int, ...] = (2, 2, 2, 2)  # released code: torchvision ResNet-18
+    context_layers: tuple[int, ...] = (1, 1, 1, 1)  # released code: "ResNet-10", one BasicBlock per stage
+    width: int = 64  # standard widths 64/128/256/512 → 512-d features
+    n_heads: int = 8  # released code: 8 heads, head_dim 64
+    attn_dropout: float = 0.1  # released code: dropout 0.1 on the attention probabilities
+    token_grid: int = 2  # released code: 2×2 average pool → 4 key/value tokens
+    fusion_temperature: float = 1.0  # released code: fixed temperature 1.0
+    alignment_weight: float = 0.5  # released code: 0.5 · [L1(F0, F1) + L1(F0, F2)]
+    augment: bool = True  # released code: h/v flips and a 90° rotation = the 8 dihedral maps
     channels_last: bool = False  # not in the reference (a speed option; the engine sets it on CUDA)
-    spot_weights: str | None = None  # §1.2: reference uses random init (no weights loaded)
-    context_weights: str | None = None  # §1.2: reference uses random init
-    train: TrainDefaults = field(  # §4: Adam, lr 1e-3, L2 1e-5, cosine to 1e-6 over 50 epochs, batch 32
+    spot_weights: str | None = None  # released code: random init (no weights loaded)
+    context_weights: str | None = None  # released code: random init
+    train: TrainDefaults = field(  # released code: Adam, lr 1e-3, L2 1e-5, cosine to 1e-6, 50 epochs, batch 32
         default=TrainDefaults(
             lr=1e-3,
             weight_decay=1e-5,
@@ -188,7 +191,7 @@ TINY_CONFIG: dict[str, Any] = {"width": 8, "n_heads": 2, "spot_size": 64, "conte
 class HiFusion(StpredModel):
     """HiFusion: hierarchical intra-spot modelling plus context-aware cross-scale fusion.
 
-    Architecture (``reference/hifusion.md`` §1):
+    Architecture (Weng et al. 2026, HISM and CCF modules; details from the authors' released code):
 
     * **Spot levels.** One ResNet-18 trunk encodes the standardised spot crop (224 px) as a whole (F0, 512×7×7),
       as a 2×2 grid of 112 px crops and as a 7×7 grid of 32 px crops. Each level is *one* batched encoder call
@@ -203,8 +206,9 @@ class HiFusion(StpredModel):
       LayerNorm and a linear gene head give the prediction.
     * **Auxiliary heads.** One shared linear head on each level's pooled map predicts expression too.
 
-    Loss (§2): ``MSE(final) + mean_l MSE(level l) + alignment_weight · (L1(F0, F1) + L1(F0, F2))``, L1 as a mean
-    over all map elements, no detach. With 250 genes the default model has 17,390,455 parameters, as the
+    Loss (Weng et al. 2026; weights from the released code):
+    ``MSE(final) + mean_l MSE(level l) + alignment_weight · (L1(F0, F1) + L1(F0, F2))``, L1 as a mean over all map
+    elements, no detach. With 250 genes the default model has 17,390,455 parameters, as the
     reference (17.39 M).
 
     Deliberate differences from the reference code:
@@ -220,8 +224,8 @@ class HiFusion(StpredModel):
       pipeline (each of the 2³ combinations has probability 1/8 and they are all distinct).
     * Crops of a level are batched sample-major instead of tile-major; BatchNorm statistics do not depend on
       the order, so the function is the same.
-    * ``forward`` checks the crop sizes. The reference's ST-Data evaluation silently swapped the two crops (bug 2
-      in §6: the 448 crop went through the spot branch); here that raises.
+    * ``forward`` checks the crop sizes. The released code's ST-Data evaluation silently swapped the two crops
+      (the 448 crop went through the spot branch); here that raises.
     * Optional pretrained trunks (``spot_weights``, ``context_weights``); the default stays the reference's
       random initialisation (Kaiming-normal fan-out convolutions, BatchNorm 1/0, PyTorch-default linears).
     * Mixed precision is the engine's choice (bf16 autocast on CUDA, no loss scaling) rather than fp16 with a
@@ -256,11 +260,11 @@ class HiFusion(StpredModel):
         dim = 8 * c.width
         self.spot_encoder = ResNet(c.spot_layers, width=c.width)
         self.context_encoder = ResNet(c.context_layers, width=c.width)
-        self.fusion_logits = nn.Parameter(torch.ones(len(c.grids)))  # §1.4: initialised to ones
+        self.fusion_logits = nn.Parameter(torch.ones(len(c.grids)))  # released code: initialised to ones
         self.attn = nn.MultiheadAttention(dim, c.n_heads, dropout=c.attn_dropout, batch_first=True)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_genes)
-        self.aux_head = nn.Linear(dim, n_genes)  # §1.3: one head shared by the three levels
+        self.aux_head = nn.Linear(dim, n_genes)  # released code: one head shared by the three levels
         self.load_pretrained()
         if c.channels_last:
             self.to(memory_format=torch.channels_last)

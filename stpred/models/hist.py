@@ -37,10 +37,34 @@ __all__ = ["HiST", "HiSTConfig"]
 
 _CALIBRATION = ("max", "mean", "fixed")
 
+#: Coordinate-augmentation recipes of :class:`HiSTConfig` (``augmentation=``): the values each one gives the
+#: ``aug_*`` options left unset. ``"official"``: the authors' released code as it trains; ``"paper"``: the
+#: schedule described by Wu et al. (2026); ``"none"``: off.
+AUGMENTATION_PRESETS: dict[str, dict[str, Any]] = {
+    "official": {
+        "aug_p": 0.75,
+        "aug_drop": 0.75,
+        "aug_shear_deg": 30.0,
+        "aug_schedule": "constant",
+        "aug_min_strength": 0.0,
+    },
+    "paper": {
+        "aug_p": 1.0,
+        "aug_drop": 0.2,
+        "aug_shear_deg": 15.0,
+        "aug_schedule": "cosine",
+        "aug_min_strength": 0.2,
+    },
+    "none": {"aug_p": 0.0, "aug_drop": 0.0, "aug_shear_deg": 0.0, "aug_schedule": "none", "aug_min_strength": 0.0},
+}
+
 
 @dataclass(frozen=True)
 class HiSTConfig:
-    """Hyper-parameters of :class:`HiST`; defaults follow the official code (``reference/hist.md``).
+    """Hyper-parameters of :class:`HiST`; defaults follow the authors' released code (Wu et al. 2026, "111-21").
+
+    Values in parentheses are those of the released code's default model configuration unless marked "paper"
+    (Wu et al. 2026, ICML; arXiv:2606.14251).
 
     Parameters
     ----------
@@ -49,44 +73,65 @@ class HiSTConfig:
     n_genes
         Number of predicted genes. Read from the data.
     width
-        Token width at every level (§5.1: 1024 / ``embed_dim_div`` 2 = 512).
+        Token width at every level (1024 / 2 = 512).
     heads
-        Attention heads (§5.1: 8 of 64).
+        Attention heads (8 of 64).
     encoder_depths
-        Transformer layers per encoder level 0, 1, 2 (§5.1 ``slide_configs`` "111-21": 1, 1, 1).
+        Transformer layers per encoder level 0, 1, 2 ("111-21": 1, 1, 1).
     decoder_depths
-        Transformer layers per decoder stage, coarse to fine (§5.1 "111-21": 2 at level 1, 1 at level 0).
+        Transformer layers per decoder stage, coarse to fine ("111-21": 2 at level 1, 1 at level 0).
         Must have one entry fewer than ``encoder_depths``.
     window
-        Half window size: windows are ``2 * window`` cells wide (§5.1 ``window_size`` 3 → 6 x 6).
+        Half window size: windows are ``2 * window`` cells wide (3 → 6 x 6).
     ff_ratio
-        FFN expansion (§5.1: 4, ReLU).
+        FFN expansion (4, ReLU).
     attn_drop
-        Dropout on the attention weights (§5.1: 0.05).
+        Dropout on the attention weights (0.05).
     input_drop
-        Dropout after the input projection (§5.1: 0.05).
+        Dropout after the input projection (0.05).
     rpb_std
-        Init std of the relative-position bias tables (§5.1 ``pos_std`` 0.02, truncated normal).
+        Init std of the relative-position bias tables (0.02, truncated normal).
     calibration
-        Slide calibration tokens, built from the input embeddings (§5.1 ``token_init_types``: max-pool,
+        Slide calibration tokens, built from the input embeddings (max-pool,
         mean-pool, a fixed random token).
     fixed_token_std
-        Std of the fixed token (§5.1 ``fix1e-4``).
+        Std of the fixed token (1e-4).
+    augmentation
+        Named recipe for the coordinate augmentation (see :meth:`HiST.augment`); it fills every ``aug_*`` option
+        left at ``None``:
+
+        ============  ======  ========  =========  ==========  ==============================================
+        preset        aug_p   aug_drop  shear      schedule    source
+        ============  ======  ========  =========  ==========  ==============================================
+        ``official``  0.75    0.75      ±30°       constant    the authors' released code as it runs (its
+                                                               cosine schedule never reaches the data-loader
+                                                               workers, so training sees full strength)
+        ``paper``     1.0     0.2       ±15°       cosine,     Wu et al. (2026), training details: strength
+                                                   1 → 0.2     decaying from 1 to 0.2 over training
+        ``none``      0       0         0°         none        no augmentation
+        ============  ======  ========  =========  ==========  ==============================================
+
+        The default, ``"official"``, reproduces the released code's training. Individual ``aug_*`` options
+        override the preset's values.
     aug_p
-        Probability of each coordinate transform (mirror, shear, rotation) at full strength (§4: 0.75).
+        Probability of each coordinate transform (mirror, shear, rotation) at full strength.
     aug_drop
-        Fraction of spots dropped at full strength (§4: 0.75).
+        Fraction of spots dropped at full strength.
     aug_shear_deg
-        Largest shear angle in degrees (§4: 30).
+        Largest shear angle in degrees.
     aug_schedule
-        Strength of the augmentation over training: ``"cosine"`` (``0.5 (1 + cos(pi * progress))``, the paper's
-        design, §4.5), ``"constant"`` (full strength throughout: what the released code does in practice, §4.6)
-        or ``"none"``.
+        Strength of the augmentation over training (``progress`` from 0 to 1): ``"cosine"``
+        (``m + (1 - m) · 0.5 (1 + cos(pi · progress))`` with ``m = aug_min_strength``), ``"constant"`` (1
+        throughout) or ``"none"`` (0: no augmentation). The probabilities and the drop fraction are multiplied by
+        the strength; the shear range is not.
+    aug_min_strength
+        Strength the cosine schedule ends at (``"official"``: 0, as the released code's schedule was designed;
+        ``"paper"``: 0.2).
     cache_size
         Number of slides whose lattice tables are kept (per model instance, keyed by the coordinates' content).
     train
-        Optimisation defaults (§6: AdamW, lr 1e-4, weight decay 1e-4 (paper; the released script uses 1e-5), cosine to 0 over 100 epochs, one slide per
-        step).
+        Optimisation defaults: AdamW, lr 1e-4, weight decay 1e-4 (paper; the released training script uses
+        1e-5), cosine to 0 over 100 epochs, one slide per step.
     """
 
     in_dim: int
@@ -102,15 +147,17 @@ class HiSTConfig:
     rpb_std: float = 0.02
     calibration: tuple[str, ...] = _CALIBRATION
     fixed_token_std: float = 1e-4
-    aug_p: float = 0.75
-    aug_drop: float = 0.75
-    aug_shear_deg: float = 30.0
-    aug_schedule: Literal["cosine", "constant", "none"] = "cosine"
+    augmentation: Literal["official", "paper", "none"] = "official"
+    aug_p: float | None = None
+    aug_drop: float | None = None
+    aug_shear_deg: float | None = None
+    aug_schedule: Literal["cosine", "constant", "none"] | None = None
+    aug_min_strength: float | None = None
     cache_size: int = 16
     train: TrainDefaults = field(
         default_factory=lambda: TrainDefaults(
             lr=1e-4,
-            weight_decay=1e-4,  # the HiST paper; the released training script uses 1e-5 (§6)
+            weight_decay=1e-4,  # paper (Wu et al. 2026); the released training script uses 1e-5
             optimizer="adamw",
             scheduler="cosine",
             min_lr=0.0,
@@ -141,10 +188,21 @@ class HiSTConfig:
         if unknown or len(set(self.calibration)) != len(self.calibration) or not self.calibration:
             msg = f"Expected `calibration` to be distinct names from {list(_CALIBRATION)}, found {self.calibration!r}."
             raise ValueError(msg)
-        for name in ("attn_drop", "input_drop", "aug_p", "aug_drop"):
+        if self.augmentation not in AUGMENTATION_PRESETS:
+            msg = f"Unknown augmentation {self.augmentation!r}; expected one of {sorted(AUGMENTATION_PRESETS)}."
+            raise ValueError(msg)
+        for name, value in AUGMENTATION_PRESETS[self.augmentation].items():  # the preset fills what is unset
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        for name in ("attn_drop", "input_drop", "aug_drop"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 msg = f"Expected `{name}` in [0, 1), found {value!r}."
+                raise ValueError(msg)
+        for name in ("aug_p", "aug_min_strength"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                msg = f"Expected `{name}` in [0, 1], found {value!r}."
                 raise ValueError(msg)
         if not 0.0 <= self.aug_shear_deg < 90.0:
             msg = f"Expected `aug_shear_deg` in [0, 90), found {self.aug_shear_deg!r}."
@@ -270,7 +328,7 @@ class Uncoarsen(nn.Module):
         self.width = width
         self.linear = nn.Linear(in_width, 4 * width, bias=False)
         self.norm = nn.LayerNorm(width)
-        # ICNR: the four children start identical (reference §5.5)
+        # ICNR: the four children start identical (as in the released code)
         base = torch.empty(width, in_width)
         nn.init.kaiming_normal_(base, mode="fan_out", nonlinearity="relu")
         with torch.no_grad():
@@ -351,29 +409,30 @@ class HiST(StpredModel):
 
     Notes
     -----
-    Deliberate differences from the official code (``reference/hist.md``); everything else follows it (width 512,
-    8 heads, "111-21", 6 x 6 windows, RPB tables of 11 x 11 per head and layer, three calibration tokens
-    [max, mean, fixed] pooled from the raw embeddings and re-projected by a Linear at every stage, concat skips,
-    ICNR uncoarsening, MSE loss, head bias from the mean target; 33,306,752 parameters at in_dim 1024 and 2000
-    genes, exactly the reference's trained count):
+    Deliberate differences from the authors' released code (also listed in ``docs/models.md``); everything else
+    follows it (width 512, 8 heads, "111-21", 6 x 6 windows, RPB tables of 11 x 11 per head and layer, three
+    calibration tokens [max, mean, fixed] pooled from the raw embeddings and re-projected by a Linear at every
+    stage, concat skips, ICNR uncoarsening, MSE loss, head bias from the mean target; 33,306,752 parameters at
+    in_dim 1024 and 2000 genes, exactly the released code's trained count):
 
     - **No sentinel tokens, padding masked.** The reference pads each slide with two zero "sentinel" tokens that
-      it never masks (they join window attention, coarsening and the max/mean pooling, §10.4). Here no sentinels
+      it never masks (they join window attention, coarsening and the max/mean pooling). Here no sentinels
       are added; window slots that hold no spot are masked out of every softmax, and the calibration tokens pool
       over real spots only (so the max token is not clipped at 0 and the mean divides by N, not N + 2). Window
       and dyadic alignment are relative to the slide's bounding box (``coords - min``), not to the reference's
       sentinel-padded canvas (offset by 2 or 3 cells); the output is invariant to translating ``coords``.
     - **Shifted windows always shifted.** The reference silently uses the regular partition twice when both
-      canvas sides are multiples of 6 (§5.3); here the shifted partition is always anchored at ``(-w, -w)``.
-    - **Augmentation schedule reaches the data.** The reference's cosine schedule is inert (constant p = 0.75 and
-      75 % spot drop for all epochs, §4.6); here :meth:`augment` computes its strength from ``progress``
-      (``aug_schedule="constant"`` reproduces the released behaviour). Augmentation starts from the integer
-      lattice (the batch carries no continuous positions) and re-snaps with
-      :func:`~stpred.pp._lattice.lattice_indices`, whose collision rule is the nearest free cell in rounds (the
-      reference's canonical mapper takes the first free cell of a square scan, its runtime mapper the nearest
-      free cell spot by spot).
-    - **No dead parameters.** The reference's head has a never-used global projection (2.05 M parameters,
-      §10.10); it is not built. The fixed calibration token is a buffer drawn from a generator seeded with 0.
+      canvas sides are multiples of 6; here the shifted partition is always anchored at ``(-w, -w)``.
+    - **Augmentation.** The default preset, ``augmentation="official"``, trains as the released code does in
+      practice: mirror, shear (±30°) and rotation each with p = 0.75 and 75 % of the spots dropped, at constant
+      strength (the released code's cosine schedule never reaches its data-loader workers).
+      ``augmentation="paper"`` follows the schedule described by Wu et al. (2026) instead. Augmentation starts
+      from the integer lattice (the batch carries no continuous positions) and re-snaps to a collision-free
+      lattice with the rule of :func:`stpred.pp.lattice` (nearest free cell, in rounds); the released code's
+      canonical mapper takes the first free cell of a square scan, its runtime mapper the nearest free cell spot
+      by spot.
+    - **No dead parameters.** The released code's head has a never-used global projection (2.05 M parameters);
+      it is not built. The fixed calibration token is a buffer drawn from a generator seeded with 0.
     - **Attention is windowed, not an edge list.** The same neighbourhoods as the reference's DGL union graph
       (minus the sentinels), computed window by window with an exact log-sum-exp merge of the two partitions,
       so keys and values are never copied per edge. Scores and softmax statistics stay in float32 under autocast.
@@ -467,7 +526,7 @@ class HiST(StpredModel):
 
         Returns
         -------
-        The :class:`~stpred.models._lattice_ops.SlidePlan` used by :meth:`forward`.
+        The slide's lattice plan (window tables of every level and the coarsening maps) used by :meth:`forward`.
         """
         self._check_coords(coords)
         coords = coords.long()
@@ -591,22 +650,24 @@ class HiST(StpredModel):
     # ------------------------------------------------------------------------------------------ augment
 
     def aug_strength(self, progress: float) -> float:
-        """Augmentation strength in ``[0, 1]`` at ``progress`` (fraction of training done)."""
+        """Augmentation strength in ``[0, 1]`` at ``progress`` (fraction of training done), per ``aug_schedule``."""
         p = min(max(float(progress), 0.0), 1.0)
-        if self.config.aug_schedule == "none":
+        cfg = self.config
+        if cfg.aug_schedule == "none":
             return 0.0
-        if self.config.aug_schedule == "constant":
+        if cfg.aug_schedule == "constant":
             return 1.0
-        return 0.5 * (1.0 + math.cos(math.pi * p))
+        m = cfg.aug_min_strength
+        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * p))
 
     def augment(self, batch: dict[str, Tensor], progress: float) -> dict[str, Tensor]:
         """Random mirror, shear, rotation of the lattice about its centroid, and spot drop-out.
 
         Each transform is applied with probability ``aug_p * s`` and each spot is dropped with probability
-        ``aug_drop * s``, where ``s = aug_strength(progress)``. Mirror flips x and y each with probability 1/2;
-        shear is along x or y (1/2 each) by ``tan(U(-a, a))``; rotation is by a uniform angle. The transformed
-        positions are re-snapped to a collision-free lattice with
-        :func:`~stpred.pp._lattice.lattice_indices` (unit 1).
+        ``aug_drop * s``, where ``s = aug_strength(progress)`` (the ``augmentation`` preset of
+        :class:`HiSTConfig` sets these). Mirror flips x and y each with probability 1/2; shear is along x or y
+        (1/2 each) by a factor uniform in ``[-tan a, tan a]`` with ``a = aug_shear_deg``; rotation is by a
+        uniform angle. The transformed positions are re-snapped to a collision-free integer lattice (unit 1).
 
         Parameters
         ----------
@@ -628,17 +689,9 @@ class HiST(StpredModel):
         c = coords[0] if squeeze else coords
         self._check_coords(c)
         n = c.shape[0]
-        p, p_drop = self.config.aug_p * s, self.config.aug_drop * s
-        u = torch.rand(8).tolist()
-        t = np.eye(2)
-        if u[0] < p:  # mirror (positions are row vectors: new = pos @ T)
-            t = t @ np.diag([-1.0 if u[1] < 0.5 else 1.0, -1.0 if u[2] < 0.5 else 1.0])
-        if u[3] < p:  # shear
-            k = math.tan(math.radians(self.config.aug_shear_deg)) * (2.0 * u[4] - 1.0)
-            t = t @ (np.array([[1.0, k], [0.0, 1.0]]) if u[5] < 0.5 else np.array([[1.0, 0.0], [k, 1.0]]))
-        if u[6] < p:  # rotation
-            a = 2.0 * math.pi * u[7]
-            t = t @ np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+        p_drop = self.config.aug_drop * s
+        cfg = self.config
+        t, _ = _coordinate_transform(torch.rand(8).tolist(), p=cfg.aug_p * s, shear_deg=cfg.aug_shear_deg)
         keep = torch.rand(n) >= p_drop
         if int(keep.sum()) < 2:
             keep[:] = True
@@ -656,3 +709,22 @@ class HiST(StpredModel):
                 out[key] = val[idx.to(val.device)]
         out[BatchKeys.COORDS] = new[None] if squeeze else new
         return out
+
+
+def _coordinate_transform(u: list[float], *, p: float, shear_deg: float) -> tuple[np.ndarray, float]:
+    """The 2 × 2 map ``T`` (positions are row vectors: ``new = pos @ T``) drawn from 8 uniform numbers ``u``.
+
+    Mirror, then shear, then rotation, each applied when its gate ``u[i] < p``. Returns ``T`` and the shear factor
+    applied (0 when no shear was drawn).
+    """
+    t = np.eye(2)
+    k = 0.0
+    if u[0] < p:  # mirror: x and y each flipped with probability 1/2
+        t = t @ np.diag([-1.0 if u[1] < 0.5 else 1.0, -1.0 if u[2] < 0.5 else 1.0])
+    if u[3] < p:  # shear along x or y by a factor uniform in [-tan a, tan a]
+        k = math.tan(math.radians(shear_deg)) * (2.0 * u[4] - 1.0)
+        t = t @ (np.array([[1.0, k], [0.0, 1.0]]) if u[5] < 0.5 else np.array([[1.0, 0.0], [k, 1.0]]))
+    if u[6] < p:  # rotation by a uniform angle
+        a = 2.0 * math.pi * u[7]
+        t = t @ np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+    return t, k

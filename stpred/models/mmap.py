@@ -1,4 +1,8 @@
-"""MMAP: multi-magnification and prototype-enhanced spot expression prediction (PRICAI 2025, arXiv 2510.11344).
+"""MMAP: multi-magnification and prototype-enhanced spot expression prediction.
+
+"MMAP: A Multi-Magnification and Prototype-Aware Architecture for Predicting Spatial Gene Expression" (PRICAI 2025,
+arXiv:2510.11344). Details the paper leaves open follow the authors' released code; ``docs/models.md`` lists every
+remaining difference.
 
 Phase 1 (local, multi-magnification)
     Each spot crop gives three views: the full crop, a ½-side crop and a ¼-side crop, each resized back to the
@@ -14,7 +18,7 @@ Phase 2 (global, per-slide prototypes)
     prototypes of its slide (padded to ``⌊80/2⌋ = 40`` with a key-padding mask); ``head3`` reads the result. The
     prediction is the mean of the three heads; the loss is ``MSE + 0.1 · L_align(fused₂, feature)``.
 
-Differences from the released reference code (``reference/mmap.md``), each an option here:
+Differences from the authors' released code, each an option here:
 
 ================================  ======================  =====================================
 behaviour                         default (paper)         reference code
@@ -55,6 +59,7 @@ Without the engine: ``set_phase(2)``; ``feats = encode(batch)["feature"]`` over 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,7 +70,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._constants import BatchKeys
+from .._imaging import imagenet_normalize, standardize
 from .._validate import check_one_of, check_positive
+from ._augment import brightness_contrast, dihedral, elastic
 from ._base import LossOutput, StpredModel, TrainDefaults
 from ._kmeans import kmeans
 from ._registry import register_model
@@ -74,16 +81,18 @@ from .encoders.vit import VIT_ARCHS, VisionTransformer, create_vit, from_checkpo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MMAP", "MMAPConfig", "QueryAttention"]
+__all__ = ["MMAP", "MMAPConfig", "QueryAttention", "RandomBackboneWarning"]
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+class RandomBackboneWarning(UserWarning):
+    """Raised when an :class:`MMAP` is built without pretrained backbone weights (``backbone_weights=None``)."""
+
 _N_VIEWS = 3
 
 
 @dataclass(frozen=True)
 class MMAPConfig:
-    """Hyper-parameters of :class:`MMAP`; values cite ``reference/mmap.md`` (§ numbers) or the paper.
+    """Hyper-parameters of :class:`MMAP`; values in parentheses are the paper's or the authors' released code's.
 
     Parameters
     ----------
@@ -91,61 +100,72 @@ class MMAPConfig:
         Number of genes to predict (from the data).
     backbone
         ViT architecture (a key of :data:`~stpred.models.encoders.vit.VIT_ARCHS`). The paper uses UNI
-        (``"vit_large_patch16_224"`` with ``init_values=1e-5``, §1.2); the default ViT-S/16 keeps CPU runs feasible.
+        (``"vit_large_patch16_224"`` with ``init_values=1e-5``); the default ViT-S/16 keeps CPU runs feasible.
     backbone_weights
         Local timm-named checkpoint for the backbone (e.g. UNI's ``pytorch_model.bin``); ``None``: random init.
     backbone_kwargs
         Architecture overrides passed to the constructor (``img_size``, ``init_values``, widths for tests).
     lora_rank, lora_alpha, lora_dropout
-        LoRA rank 16, α 32, dropout 0 (§1.2).
+        LoRA rank 16, α 32, dropout 0 (released code).
     lora_blocks
-        Adapters on the last ``lora_blocks`` blocks (§1.2: 9 of 24, blocks 15–23).
+        Adapters on the last ``lora_blocks`` blocks (released code: 9 of 24, blocks 15–23).
     pixel_norm
-        ``"imagenet"``: ImageNet mean/std (§1.1, what UNI expects); ``"per_image"``: standardise each view per
+        ``"imagenet"``: ImageNet mean/std (released code; what UNI expects); ``"per_image"``: standardise each view per
         channel.
     random_crops_at_inference
-        Take the ½ and ¼ crops at random positions also in eval mode and in :meth:`MMAP.encode` (reference code,
-        §1.1); by default they are centred at inference.
+        Take the ½ and ¼ crops at random positions also in eval mode and in :meth:`MMAP.encode` (released
+        code); by default they are centred at inference.
     augment
-        Random flips / 90° rotations / transposes of the spot crop in :meth:`MMAP.augment` (§1.1; the reference's
-        rare brightness/contrast jitter and elastic transform are not reproduced).
+        Training augmentation of the spot crop in phase 1 (:meth:`MMAP.augment`): random flips / 90° rotations /
+        transposes, then the brightness/contrast jitter and the elastic deformation below, in the order of the
+        authors' released code. ``False`` turns all of it off.
+    brightness_contrast_p
+        Probability of a random brightness/contrast change per crop (released code: 0.1); ``0`` turns it off.
+    brightness_limit, contrast_limit
+        Largest brightness shift (fraction of white) and relative contrast change (released code: 0.2 and 0.2,
+        the defaults of the albumentations transform it uses).
+    elastic_p
+        Probability of an elastic deformation per crop (released code: 0.5); ``0`` turns it off.
+    elastic_alpha, elastic_sigma
+        Scale and smoothness of the elastic displacement field, in pixels of the crop (released code: 120 and 6
+        on 224 px crops).
     attn_heads, attn_dim_head, attn_dropout
-        One-query attention: 8 heads × 64, output dropout 0.2 (§1.3).
+        One-query attention: 8 heads × 64, output dropout 0.2 (released code).
     mag_loss
         ``"cosine"``: mean ``1 - cos`` (paper); ``"hinge"``: the reference's in-batch loss, ``1 - cos`` on matching
         pairs plus ``max(0, cos - margin)`` on all other pairs of the batch, summed and divided by the batch size
-        (§1.4). Used for the phase-1 magnification loss and the phase-2 alignment loss.
+        (released code). Used for the phase-1 magnification loss and the phase-2 alignment loss.
     mag_loss_margin
-        Hinge margin (§1.4: 0.2).
+        Hinge margin (released code: 0.2).
     mag_loss_weight
-        γ₁ = 0.1 (§1.4).
+        γ₁ = 0.1 (released code).
     mag_loss_warmup
-        Fraction of phase-1 training with the magnification loss switched off (reference: 5 of 50 epochs = 0.1).
+        Fraction of phase-1 training with the magnification loss switched off (released code: 5 of 50 epochs = 0.1).
     align_weight
-        γ₂ = 0.1 (§2.3).
+        γ₂ = 0.1 (released code).
     proto_k_min, proto_k_max, proto_spots_per_k
-        K = clip(N // 5, 32, 80) prototypes per slide of N spots (§2.1).
+        K = clip(N // 5, 32, 80) prototypes per slide of N spots (released code).
     proto_top_frac
-        Each spot attends to its top ``⌊K · 0.5⌋`` prototypes by cosine (§2.2).
+        Each spot attends to its top ``⌊K · 0.5⌋`` prototypes by cosine (released code).
     proto_metric
-        K-means metric: ``"euclidean"`` on the raw features (§2.1) or ``"cosine"``.
+        K-means metric: ``"euclidean"`` on the raw features (released code) or ``"cosine"``.
     proto_n_init
         K-means restarts (scikit-learn ≥ 1.4's k-means++ default: 1).
     proto_seed
-        K-means seed (reference: ``random_state=42``).
+        K-means seed (released code: 42).
     proto_padding
         ``"mask"``: padded prototype slots are masked out of the attention; ``"zeros"``: they enter as zero tokens
-        (reference, §2.2).
+        (released code).
     head_weights
         ``"mean"``: final prediction = mean of the three heads (paper); ``"reference"``: ¼·head1 + ¼·head2 +
-        ½·head3 (§2.3).
+        ½·head3 (released code).
     phase
         Last phase :func:`stpred.tl.fit` trains: ``2`` (default) runs phase 1 then phase 2; ``1`` stops after phase 1
         (predictions are then the mean of the two phase-1 heads). The model is built in phase 1; change it at
         run time with :meth:`MMAP.set_phase`.
     train
         Optimisation defaults for each phase: Adam, lr 1e-5, no weight decay, cosine to 1e-6, 50 epochs, batch 16
-        (§1.5, §2.4).
+        (released code).
     """
 
     n_genes: int
@@ -159,6 +179,12 @@ class MMAPConfig:
     pixel_norm: Literal["imagenet", "per_image"] = "imagenet"
     random_crops_at_inference: bool = False
     augment: bool = True
+    brightness_contrast_p: float = 0.1
+    brightness_limit: float = 0.2
+    contrast_limit: float = 0.2
+    elastic_p: float = 0.5
+    elastic_alpha: float = 120.0
+    elastic_sigma: float = 6.0
     attn_heads: int = 8
     attn_dim_head: int = 64
     attn_dropout: float = 0.2
@@ -211,11 +237,18 @@ class MMAPConfig:
             check_positive(getattr(self, name), name=name)
         for name in ("mag_loss_weight", "align_weight"):
             check_positive(getattr(self, name), name=name, strict=False)
-        for name in ("lora_dropout", "attn_dropout", "mag_loss_warmup"):
+        for name in ("lora_dropout", "attn_dropout", "mag_loss_warmup", "brightness_limit", "contrast_limit"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 msg = f"Expected `{name}` in [0, 1), found {value!r}."
                 raise ValueError(msg)
+        for name in ("brightness_contrast_p", "elastic_p"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                msg = f"Expected `{name}` in [0, 1], found {value!r}."
+                raise ValueError(msg)
+        check_positive(self.elastic_sigma, name="elastic_sigma")
+        check_positive(self.elastic_alpha, name="elastic_alpha", strict=False)
         if not 0.0 < self.proto_top_frac <= 1.0:
             msg = f"Expected `proto_top_frac` in (0, 1], found {self.proto_top_frac!r}."
             raise ValueError(msg)
@@ -229,7 +262,7 @@ class MMAPConfig:
 
 
 class QueryAttention(nn.Module):
-    """One-query cross-attention: token 0 attends over all tokens (MMAP's fusion block, reference §1.3).
+    """One-query cross-attention: token 0 attends over all tokens (MMAP's fusion block).
 
     ``LayerNorm`` on all tokens, bias-free ``q``/``k``/``v`` projections to ``heads × dim_head``, the query taken
     from token 0 only, softmax attention, an output projection back to ``dim`` and dropout. No residual, no MLP.
@@ -293,7 +326,7 @@ def _eval_mode(*modules: nn.Module) -> Iterator[None]:
 
 
 def _similarity_loss(a: Tensor, b: Tensor, *, kind: str, margin: float) -> Tensor:
-    """``"cosine"``: mean ``1 - cos(aᵢ, bᵢ)``; ``"hinge"``: in-batch contrastive loss of the reference (§1.4)."""
+    """``"cosine"``: mean ``1 - cos(aᵢ, bᵢ)``; ``"hinge"``: in-batch contrastive loss of the released code."""
     a = F.normalize(a.float(), dim=-1)
     b = F.normalize(b.float(), dim=-1)
     if kind == "cosine":
@@ -353,6 +386,15 @@ class MMAP(StpredModel):
             self.backbone: VisionTransformer = from_checkpoint(cfg.backbone_weights, arch=cfg.backbone, **kwargs)
         else:
             self.backbone = create_vit(cfg.backbone, **kwargs)
+            warnings.warn(
+                f"MMAP's backbone is randomly initialised ({cfg.backbone!r}, `backbone_weights=None`); the paper's "
+                "model uses a pretrained UNI ViT-L/16 and only trains LoRA adapters and heads on it. Load weights "
+                "from a local timm-named checkpoint with `backbone_weights='path/to/pytorch_model.bin'` (for UNI also "
+                "`backbone='vit_large_patch16_224', backbone_kwargs={'init_values': 1e-5}`). A saved predictor "
+                "restored with `stpred.tl.load` replaces these random weights with its own.",
+                RandomBackboneWarning,
+                stacklevel=2,
+            )
         if cfg.lora_blocks > self.backbone.depth:
             msg = (
                 f"`lora_blocks`={cfg.lora_blocks} exceeds the depth {self.backbone.depth} of backbone "
@@ -374,8 +416,6 @@ class MMAP(StpredModel):
         self.head2 = nn.Linear(dim, n_genes)
         self.global_attn = QueryAttention(dim, **attn)
         self.head3 = nn.Linear(dim, n_genes)
-        self.register_buffer("pixel_mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("proto_bank", torch.zeros(0, cfg.proto_k_max, dim))
         self.register_buffer("proto_mask", torch.zeros(0, cfg.proto_k_max, dtype=torch.bool))
         self.register_buffer("proto_slides", torch.zeros(0, dtype=torch.long))
@@ -426,11 +466,10 @@ class MMAP(StpredModel):
 
     # ------------------------------------------------------------------ phase 1
     def _standardize(self, x: Tensor) -> Tensor:
+        """Normalise views scaled to [0, 1] as ``config.pixel_norm`` says."""
         if self.config.pixel_norm == "imagenet":
-            return (x - self.pixel_mean.to(x.dtype)) / self.pixel_std.to(x.dtype)
-        mean = x.mean(dim=(-2, -1), keepdim=True)
-        std = x.std(dim=(-2, -1), keepdim=True)
-        return (x - mean) / (std + 1e-6)
+            return imagenet_normalize(x)
+        return standardize(x, eps=1e-3 / 255.0).to(x.dtype)  # flat below 1e-3 grey level, as for HiFusion
 
     def make_views(self, x: Tensor, *, random: bool) -> Tensor:
         """The three magnification views of a batch of crops, as one batch.
@@ -728,10 +767,12 @@ class MMAP(StpredModel):
     def augment(self, batch: Mapping[str, Tensor], progress: float) -> dict[str, Tensor]:
         """Training augmentation on the device; records ``progress`` for the loss warm-up.
 
-        In phase 1 (with ``augment=True``) each spot crop is independently flipped vertically, flipped
-        horizontally and transposed with probability ½ each (a uniform draw from the 8 symmetries of the square,
-        the group the reference's flips, 90° rotations and transposes generate). Phase 2 uses no augmentation
-        (the reference trains it on cached features), so the batch is returned unchanged.
+        In phase 1 (with ``augment=True``) each spot crop receives, in the order of the authors' released code:
+        a uniform draw from the 8 symmetries of the square (the group its vertical flip, 90° rotation and
+        transpose generate), a random brightness/contrast change with probability ``brightness_contrast_p``, and an
+        elastic deformation with probability ``elastic_p`` (see :class:`MMAPConfig`). All of it runs batched on the
+        crops' device and keeps their dtype. Phase 2 uses no augmentation (the released code trains it on cached
+        features), so the batch is returned unchanged.
 
         Parameters
         ----------
@@ -748,14 +789,12 @@ class MMAP(StpredModel):
         batch = dict(batch)
         if self._phase != 1 or not self.config.augment or "spot" not in batch:
             return batch
-        x = batch["spot"]
-        b, device = x.shape[0], x.device
-        flip = torch.rand(3, b, device=device) < 0.5
-        x = torch.where(flip[0, :, None, None, None], x.flip(-2), x)
-        x = torch.where(flip[1, :, None, None, None], x.flip(-1), x)
-        if x.shape[-1] == x.shape[-2]:
-            x = torch.where(flip[2, :, None, None, None], x.transpose(-1, -2), x)
-        batch["spot"] = x
+        cfg = self.config
+        (x,) = dihedral(batch["spot"])
+        x = brightness_contrast(
+            x, p=cfg.brightness_contrast_p, brightness=cfg.brightness_limit, contrast=cfg.contrast_limit
+        )
+        batch["spot"] = elastic(x, p=cfg.elastic_p, alpha=cfg.elastic_alpha, sigma=cfg.elastic_sigma)
         return batch
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:

@@ -164,7 +164,11 @@ def layer_label(layer: str, labels: Mapping[str, str] | None = None) -> str:
 
 def _scale_label(table: AnnData) -> str:
     method = dict(dict(table.uns.get("stpred", {}) or {}).get("normalize", {}) or {}).get("method")
-    return {"log_share": "ln share (log_share)", "log1p": "log1p(counts)"}.get(str(method), "expression")
+    return {
+        "log_share": "ln share (log_share)",
+        "log1p": "log1p(counts)",
+        "log10_cp10k": "log10(1 + 10^4 share)",
+    }.get(str(method), "expression")
 
 
 @doc_params(sdata=doc_sdata, show_save=doc_show_save)

@@ -34,9 +34,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["embed", "list_encoders"]
 
-#: ImageNet channel statistics (of images scaled to [0, 1]), used by torchvision, timm and UNI.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _NORMALIZE = ("imagenet", "standardize", "none")
 #: Prefix of hub references accepted by ``weights=`` (downloaded with ``huggingface_hub`` when online).
 _HUB_PREFIX = "hf-hub:"
@@ -280,13 +277,11 @@ def _prepare(
     *,
     normalize: str,
     size: tuple[int, int] | None,
-    mean: torch.Tensor,
-    std: torch.Tensor,
 ) -> torch.Tensor:
     """``uint8`` crops ``(B, 3, S, S)`` on the device → float32 encoder input (resized, then normalised)."""
     import torch.nn.functional as F
 
-    from ..models._augment import standardize
+    from .._imaging import imagenet_normalize, standardize
 
     x = x.float()
     if size is not None and tuple(x.shape[-2:]) != size:
@@ -294,7 +289,7 @@ def _prepare(
     if normalize == "standardize":
         return standardize(x)
     x = x / 255.0
-    return (x - mean) / std if normalize == "imagenet" else x
+    return imagenet_normalize(x) if normalize == "imagenet" else x
 
 
 def _check_output(y: Any, *, n: int, name: str, shape: tuple[int, ...]) -> None:
@@ -333,8 +328,6 @@ def _run(
     module = enc.module.to(device).eval()
     if enc.family == "resnet":
         module = module.to(memory_format=torch.channels_last)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     autocast = (
         torch.autocast(device_type="cuda", dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     )
@@ -363,7 +356,7 @@ def _run(
             if cuda:
                 x = x.pin_memory()  # asynchronous copy: the host prepares the next batch while the GPU works
             x = x.to(device, non_blocking=cuda)
-            x = _prepare(x, normalize=normalize, size=enc.input_size, mean=mean, std=std)
+            x = _prepare(x, normalize=normalize, size=enc.input_size)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
@@ -436,7 +429,7 @@ def embed(
     ----------
     {sdata}
     encoder
-        A name from :func:`stpred.pp._embed.list_encoders`: ``"resnet10"``, ``"resnet18"``, ``"resnet34"``
+        A name from :func:`stpred.pp.list_encoders`: ``"resnet10"``, ``"resnet18"``, ``"resnet34"``
         (:mod:`stpred.models.encoders.resnet`, pooled ``8 × width`` features), ``"vit_tiny"``, ``"vit_small"``,
         ``"vit_base"``, ``"vit_large"`` (also as timm's ``"vit_large_patch16_224"`` etc.; the CLS token), or
         ``"uni"`` (ViT-L/16 with LayerScale ``init_values=1e-5``, into which the UNI checkpoint loads as it is).
@@ -462,7 +455,7 @@ def embed(
     normalize
         ``"imagenet"``: scale to [0, 1], then subtract the ImageNet mean and divide by its standard deviation per
         channel (what torchvision/timm-pretrained encoders and UNI expect). ``"standardize"``: each image and
-        channel by its own mean and standard deviation (:func:`stpred.models._augment.standardize`, as HiFusion).
+        channel by its own mean and standard deviation (as HiFusion).
         ``"none"``: scale to [0, 1] only.
     seed
         Seed of the random initialisation when ``weights`` is ``None`` (the global random state is left as it was).

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_METHODS = ("log_share", "log1p")
+_METHODS = ("log_share", "log1p", "log10_cp10k")
+#: Counts per spot that ``"log10_cp10k"`` scales each spot's selected-gene total to.
+_CP10K = 1e4
 
 
 #: Rows normalised per block: bounds the float64 working memory to a few block-sized arrays.
@@ -30,6 +32,10 @@ def _transform(counts: np.ndarray, method: str) -> np.ndarray:
     c = counts.astype(np.float64)
     if method == "log1p":
         return np.log1p(c)
+    if method == "log10_cp10k":
+        total = c.sum(axis=1, keepdims=True)
+        share = np.divide(c, total, out=np.zeros_like(c), where=total > 0)  # a spot without counts stays 0
+        return np.log10(1.0 + _CP10K * share)
     shifted = c + 1.0
     return np.log(shifted) - np.log(shifted.sum(axis=1, keepdims=True))
 
@@ -51,7 +57,7 @@ def _target(X: np.ndarray | sparse.spmatrix, method: str, *, name: str) -> np.nd
 def normalize(
     sdata: SpatialData,
     *,
-    method: Literal["log_share", "log1p"] = "log_share",
+    method: Literal["log_share", "log1p", "log10_cp10k"] = "log_share",
     table_key: str = STPRED_TABLE,
     key_added: str = TARGET_LAYER,
     overwrite: bool = False,
@@ -66,7 +72,10 @@ def normalize(
     method
         ``"log_share"``: :math:`\ln\big((c_g + 1) / \sum_{{g'}} (c_{{g'}} + 1)\big)` per spot, the sum running
         over the selected genes (the log of each gene's pseudo-count share; HiFusion's target).
-        ``"log1p"``: :math:`\ln(1 + c_g)`.
+        ``"log1p"``: :math:`\ln(1 + c_g)` (HiST's target).
+        ``"log10_cp10k"``: :math:`\log_{{10}}\big(1 + 10^4 \, c_g / \sum_{{g'}} c_{{g'}}\big)`, the sum running over
+        the selected genes (counts per 10,000 of the selected genes, then log base 10; MMAP's target, values in
+        ``[0, 4]``). A spot without counts in any selected gene gets 0 everywhere.
     table_key
         Table created by :func:`stpred.pp.select_genes`.
     overwrite

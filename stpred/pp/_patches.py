@@ -44,8 +44,8 @@ _REGISTRY: weakref.WeakKeyDictionary[SpatialData, list[PatchBank]] = weakref.Wea
 class PatchBank:
     """Spot and context crops (``uint8``, ``N × 3 × H × W``) aligned with the rows of the ``stpred`` table.
 
-    Made by :func:`stpred.pp.extract_patches`; find the bank of a SpatialData object again with
-    :func:`stpred.pp._patches.get_patch_bank`.
+    Made by :func:`stpred.pp.extract_patches`, which keeps it registered with the SpatialData object so that
+    :func:`stpred.pp.embed`, :func:`stpred.tl.fit` and :func:`stpred.tl.predict` find it.
 
     Attributes
     ----------
@@ -643,8 +643,8 @@ def extract_patches(
     Returns
     -------
     The :class:`~stpred.pp.PatchBank`, rows in the order of the table's rows (of the chosen sections). It is also
-    registered for ``sdata`` (see :func:`stpred.pp._patches.get_patch_bank`), and the geometry is recorded in
-    ``uns["stpred"]["patches"]`` of the table, with a provenance entry.
+    registered for ``sdata`` (where :func:`stpred.pp.embed` and :func:`stpred.tl.fit` find it), and the geometry is
+    recorded in ``uns["stpred"]["patches"]`` of the table, with a provenance entry.
 
     Examples
     --------

@@ -2,7 +2,7 @@
 
 The parameter names (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer2.0.downsample.0``, ``fc``, ...) and the
 initialisation match ``torchvision.models.resnet``, so a torchvision checkpoint loads with
-:func:`~stpred.models.encoders._weights.load_weights` without any renaming. ``width`` scales every stage (64 in
+:func:`~stpred.models.encoders.load_weights` without any renaming. ``width`` scales every stage (64 in
 torchvision) for tiny CPU configurations.
 """
 
