@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 
-from .._constants import SECTION_KEY, STPRED_TABLE, TARGET_LAYER
+from .._constants import SECTION_KEY, STPRED_TABLE, TARGET_LAYER, UNS_KEY
 from .._docs import doc_params, doc_sdata
 from .._validate import check_sections
 
@@ -44,6 +45,34 @@ def _layer(table: AnnData, key: str, *, role: str) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def _warn_if_seen_in_training(table: AnnData, key: str, scored: np.ndarray) -> None:
+    """Warn when sections scored for layer ``key`` trained or validated the model that wrote it (from provenance)."""
+    uns = dict(table.uns.get(UNS_KEY, {}))
+    entry = dict(dict(uns.get("predictions", {})).get(key, {}))
+    if not entry:
+        return  # not written by tl.predict: nothing recorded about its training
+    model = entry.get("model")
+    fitted = dict(dict(uns.get("models", {})).get(model, {}))
+    train = entry.get("train_sections", fitted.get("train_sections"))
+    validation = dict(entry.get("validation", fitted.get("validation")) or {})
+    scored = set(map(str, scored))
+    seen_train = sorted(scored & set(map(str, np.atleast_1d(train if train is not None else []))))
+    val_sections = validation.get("sections") if validation.get("rule") != "spatial blocks" else None
+    seen_val = sorted(scored & set(map(str, np.atleast_1d(val_sections if val_sections is not None else []))))
+    if not seen_train and not seen_val:
+        return
+    parts = []
+    if seen_train:
+        parts.append(f"trained on {seen_train}")
+    if seen_val:
+        parts.append(f"chose its best epoch on {seen_val}")
+    msg = (
+        f"Layer {key!r} was predicted by model {model!r}, which {' and '.join(parts)}; scores of those sections are "
+        "optimistic. Pass `sections=[...]` with held-out sections only for an honest estimate."
+    )
+    warnings.warn(msg, UserWarning, stacklevel=3)
+
+
 @doc_params(sdata=doc_sdata)
 def evaluate(
     sdata: SpatialData | AnnData,
@@ -57,7 +86,9 @@ def evaluate(
 ) -> pd.DataFrame:
     """Score a prediction layer against the measured values, per section and pooled.
 
-    Rows whose prediction is NaN (spots that were not predicted) are left out.
+    Rows whose prediction is NaN (spots that were not predicted) are left out. A :class:`UserWarning` is issued
+    when a scored section trained (or selected the best epoch of) the model that wrote ``key``, as recorded in
+    ``uns["stpred"]`` by :func:`stpred.tl.fit` and :func:`stpred.tl.predict`.
 
     Parameters
     ----------
@@ -105,6 +136,7 @@ def evaluate(
     if not keep.any():
         msg = f"Layer {key!r} has no predicted spots in the chosen sections."
         raise ValueError(msg)
+    _warn_if_seen_in_training(table, key, table.obs[SECTION_KEY].astype(str).to_numpy()[keep])
     if hist_metric == "auto":
         method = dict(table.uns.get("stpred", {}).get("normalize", {})).get("method")
         hist_metric = method == "log1p" and truth == TARGET_LAYER

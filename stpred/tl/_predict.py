@@ -87,6 +87,7 @@ def predict(
         "normalize": predictor.normalize,
         "seed": predictor.info.get("seed"),
         "train_sections": predictor.info.get("train_sections"),
+        "validation": predictor.info.get("validation"),
         "config": predictor.info.get("config"),
         "checkpoint": predictor.info.get("checkpoint"),
         "versions": predictor.info.get("versions"),
