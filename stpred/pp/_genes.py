@@ -14,7 +14,7 @@ from scipy import sparse
 from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE, UNS_KEY
 from .._docs import doc_overwrite, doc_params, doc_sdata, doc_sections, doc_table_key
 from .._provenance import record
-from .._validate import check_one_of, check_positive, check_sections, get_table
+from .._validate import check_one_of, check_positive, check_raw_counts, check_sections, check_table_shape, get_table
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -45,18 +45,6 @@ def section_names(adata: AnnData) -> list[str]:
     if isinstance(col.dtype, pd.CategoricalDtype):
         return [str(c) for c in col.cat.categories if str(c) in set(present)]
     return [str(s) for s in present]
-
-
-def _check_counts(X: np.ndarray | sparse.spmatrix, *, name: str) -> None:
-    values = X.data if sparse.issparse(X) else np.asarray(X)
-    if values.size == 0:
-        return
-    if np.isnan(values).any():
-        msg = f"The counts of table {name!r} contain NaN ({int(np.isnan(values).sum())} entries); expected raw counts."
-        raise ValueError(msg)
-    if (values < 0).any():
-        msg = f"The counts of table {name!r} contain negative values (min {float(values.min())}); expected raw counts."
-        raise ValueError(msg)
 
 
 def _shared_genes(raw: AnnData) -> np.ndarray:
@@ -134,6 +122,7 @@ def select_genes(
     sections: Sequence[str] | None = None,
     table_key: str = "table",
     overwrite: bool = False,
+    allow_non_integer: bool = False,
 ) -> None:
     """Choose the genes to predict and create the ``stpred`` table.
 
@@ -157,6 +146,9 @@ def select_genes(
         Pass only the training sections to keep the test sections out of the gene choice.
     {table_key}
     {overwrite}
+    allow_non_integer
+        Accept non-integer values in ``X`` (e.g. counts estimated by another tool), with a warning. By default
+        ``X`` must hold raw counts: finite, non-negative integers; log-transformed or normalised data is refused.
 
     Returns
     -------
@@ -184,6 +176,8 @@ def select_genes(
             f"{err.args[0]} Pass `table_key=` naming the raw-count table, or read the data with an `stpred.io` reader."
         )
         raise KeyError(msg) from None
+    check_table_shape(raw, name=table_key)
+    check_raw_counts(raw.X, name=table_key, allow_non_integer=allow_non_integer)
     if isinstance(n_top, bool) or not isinstance(n_top, int | np.integer):
         msg = f"Expected `n_top` to be an int, found {type(n_top).__name__}."
         raise TypeError(msg)
@@ -197,7 +191,6 @@ def select_genes(
     if table_key == STPRED_TABLE:
         msg = f"`table_key` must name the raw-count table, not {STPRED_TABLE!r}."
         raise ValueError(msg)
-    _check_counts(raw.X, name=table_key)
     shared = np.flatnonzero(_shared_genes(raw))
     if n_top > len(shared):
         msg = (
@@ -232,6 +225,7 @@ def select_genes(
         "n_top": int(n_top),
         "sections": list(chosen),
         "test_sections_included": set(chosen) == set(available),
+        **({"allow_non_integer": True} if allow_non_integer else {}),
         **info,
     }
     adata.uns[UNS_KEY] = uns

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from scipy import sparse
 
-from .._constants import STPRED_TABLE, TARGET_LAYER
+from .._constants import STPRED_TABLE, TARGET_LAYER, UNS_KEY
 from .._docs import doc_params, doc_sdata
 from .._provenance import record, stpred_uns
-from .._validate import check_one_of, get_table
+from .._validate import check_one_of, check_raw_counts, check_table_shape, get_table
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -70,8 +70,10 @@ def normalize(
     """
     table = get_table(sdata, table_key, made_by="pp.select_genes")
     check_one_of(method, _METHODS, name="method")
-    uns = stpred_uns(table)
-    previous = dict(uns.get("normalize", {})).get("method")
+    check_table_shape(table, name=table_key)
+    selection = dict(table.uns.get(UNS_KEY, {}).get("gene_selection", {}))
+    check_raw_counts(table.X, name=table_key, allow_non_integer=bool(selection.get("allow_non_integer", False)))
+    previous = dict(table.uns.get(UNS_KEY, {}).get("normalize", {})).get("method")
     predictions = sorted(k for k in table.layers if k.startswith("stpred_"))
     if TARGET_LAYER in table.layers and previous is not None and previous != method and predictions and not overwrite:
         msg = (
@@ -81,10 +83,8 @@ def normalize(
         raise ValueError(msg)
     X = table.X
     counts = X.toarray() if sparse.issparse(X) else np.asarray(X)
-    if np.isnan(counts).any() or (counts < 0).any():
-        msg = f"`X` of table {table_key!r} must hold raw counts (no NaN, no negative values)."
-        raise ValueError(msg)
     table.layers[TARGET_LAYER] = _transform(counts, method).astype(np.float32)
+    uns = stpred_uns(table)
     uns["normalize"] = {"method": method}
     record(table, "normalize", method=method, table_key=table_key)
     logger.info("Wrote layers[%r] of table %r with method %r.", TARGET_LAYER, table_key, method)
