@@ -243,3 +243,22 @@ def test_previous_format_still_loads(tmp_path):
     (old / "predictor.json").write_text('{"model": "toy_pers')
     with pytest.raises(PredictorFileError, match=r"predictor\.json is empty, truncated or corrupted"):
         stpred.tl.load(old)
+
+
+def test_mmap_prototype_bank_sized_by_the_saved_state(tmp_path):
+    # MMAP sizes its prototype-bank buffers from the state dict: the load check must not refuse them
+    from stpred.models.mmap import MMAP
+
+    vit = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    kwargs = {"backbone": "vit", "backbone_kwargs": vit, "lora_blocks": 2, "lora_rank": 4, "proto_k_min": 2, "proto_k_max": 4}
+    kwargs |= {"attn_heads": 2, "attn_dim_head": 8}
+    model = MMAP(5, **kwargs)
+    model.proto_bank = torch.randn(2, 4, model.proto_bank.shape[-1])
+    model.proto_mask = torch.ones(2, 4, dtype=torch.bool)
+    model.proto_slides = torch.arange(2)
+    pred = Predictor(model, name="mmap", genes=list("abcde"), normalize={"method": "log1p"}, sizes={"n_genes": 5},
+                     model_kwargs=kwargs)
+    pred.save(tmp_path / "m")
+    loaded = stpred.tl.load(tmp_path / "m")
+    assert _same_weights(pred, loaded)
+    assert loaded.model.proto_bank.shape == (2, 4, model.proto_bank.shape[-1])

@@ -322,23 +322,23 @@ def _load_weights(file: Path, model: nn.Module, manifest: dict[str, Any]) -> Non
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or shapes:
+    if missing or unexpected:
         msg = (
             f"{file} does not match the {manifest['model']!r} model built from the manifest config "
             f"({len(missing)} missing tensors, first {missing[:3]}; {len(unexpected)} unexpected, first "
-            f"{unexpected[:3]}; {len(shapes)} of another shape, first {shapes[:3]}). The weights and the manifest "
-            "come from different models; save the predictor again."
+            f"{unexpected[:3]}). The weights and the manifest come from different models; save the predictor again."
         )
         raise PredictorFileError(msg)
     try:
+        # shapes are checked by torch: some models size buffers from the state dict (e.g. MMAP's prototype bank)
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        msg = f"{file} does not fit the {manifest['model']!r} model built from the manifest config: {err}"
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = "; ".join([line for line in lines if "size mismatch" in line][:3] or lines[-3:])
+        msg = (
+            f"{file} does not match the {manifest['model']!r} model built from the manifest config ({detail}). The "
+            "weights and the manifest come from different models; save the predictor again."
+        )
         raise PredictorFileError(msg) from None
     model.eval()
 
