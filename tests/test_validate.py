@@ -116,6 +116,11 @@ def test_plots_refuse_missing_coordinates(selected, assert_unchanged):
     del selected.tables["stpred"].obsm["spatial"]
     with assert_unchanged(selected), pytest.raises(KeyError, match=r"no `obsm\['spatial'\]`.*needed for spatial plots"):
         stpred.pl.spatial(selected, selected.tables["stpred"].var_names[0], layers="target", img=False, show=False)
+    table = selected.tables["stpred"]
+    table.obs["domain"] = (np.arange(table.n_obs) % 2).astype(str)
+    table.obs["domain"] = table.obs["domain"].astype("category")
+    with assert_unchanged(selected), pytest.raises(KeyError, match=r"no `obsm\['spatial'\]`.*needed for domain plots"):
+        stpred.pl.domains(selected, "domain", img=False, show=False)
 
 
 def test_predict_refuses_a_device_it_cannot_use(selected, assert_unchanged, monkeypatch):
