@@ -130,24 +130,25 @@ def check_raw_counts(X: Any, *, name: str, allow_non_integer: bool = False) -> N
             msg = f"The counts of table {name!r} contain negative values (min {values.min()}). {_RAW_HINT}."
             raise ValueError(msg)
         return
-    finite = np.isfinite(values)
-    if not finite.all():
-        n_nan = int(np.isnan(values).sum())
-        n_inf = int((~finite).sum()) - n_nan
-        msg = f"The counts of table {name!r} contain NaN or infinite values ({n_nan} NaN, {n_inf} inf). {_RAW_HINT}."
-        raise ValueError(msg)
-    if (values < 0).any():
+    stats = _count_stats(values)
+    if stats["nan"] or stats["inf"]:
         msg = (
-            f"The counts of table {name!r} contain negative values (min {float(values.min()):.4g}): they are not raw "
+            f"The counts of table {name!r} contain NaN or infinite values ({stats['nan']} NaN, {stats['inf']} inf). "
+            f"{_RAW_HINT}."
+        )
+        raise ValueError(msg)
+    if stats["negative"]:
+        msg = (
+            f"The counts of table {name!r} contain negative values (min {stats['min']:.4g}): they are not raw "
             f"counts (scaled or centred data?). {_RAW_HINT}."
         )
         raise ValueError(msg)
-    fractional = values != np.floor(values)
-    if not fractional.any():
+    if not stats["fractional"]:
         return
-    example = float(values[np.argmax(fractional)])
-    kind = "log-transformed or normalised" if float(values.max()) < 50 else "normalised or estimated"
-    share = f"{int(fractional.sum())} of {values.size} stored values are not integers, e.g. {example:.4g}"
+    example = stats["example"]
+    values_max = stats["max"]
+    kind = "log-transformed or normalised" if values_max < 50 else "normalised or estimated"
+    share = f"{stats['fractional']} of {values.size} stored values are not integers, e.g. {example:.4g}"
     if not allow_non_integer:
         msg = (
             f"The counts of table {name!r} look {kind} ({share}). {_RAW_HINT}, "
@@ -159,6 +160,31 @@ def check_raw_counts(X: Any, *, name: str, allow_non_integer: bool = False) -> N
         UserWarning,
         stacklevel=3,
     )
+
+
+def _count_stats(values: Any, chunk: int = 1 << 22) -> dict[str, Any]:
+    """NaN, inf, negative and non-integer counts, min, max and a non-integer example of a float array, in chunks."""
+    import numpy as np
+
+    out: dict[str, Any] = {"nan": 0, "inf": 0, "negative": 0, "fractional": 0, "example": None}
+    out["min"], out["max"] = np.inf, -np.inf
+    for start in range(0, values.size, chunk):
+        part = values[start : start + chunk]
+        finite = np.isfinite(part)
+        n_nan = int(np.isnan(part).sum())
+        out["nan"] += n_nan
+        out["inf"] += int(part.size - finite.sum()) - n_nan
+        part = part[finite]
+        if not part.size:
+            continue
+        out["negative"] += int((part < 0).sum())
+        out["min"], out["max"] = min(out["min"], float(part.min())), max(out["max"], float(part.max()))
+        fractional = part != np.floor(part)
+        n_frac = int(fractional.sum())
+        if n_frac and out["example"] is None:
+            out["example"] = float(part[np.argmax(fractional)])
+        out["fractional"] += n_frac
+    return out
 
 
 def check_table_shape(adata: AnnData, *, name: str) -> None:
