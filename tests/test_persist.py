@@ -152,6 +152,8 @@ def test_missing_files(saved):
     (saved / "weights.pt").unlink()
     with pytest.raises(PredictorFileError, match=r"weights\.pt is missing \(listed in manifest\.json\)"):
         stpred.tl.load(saved)
+    with pytest.raises(FileNotFoundError, match=r"'manifest.json' is a file of the predictor saved in .*pass that dir"):
+        stpred.tl.load(saved / "manifest.json")
     (saved / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"No saved predictor .*expected manifest\.json"):
         stpred.tl.load(saved)

@@ -182,7 +182,9 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
 
 def _not_found(path: Path) -> str:
     msg = f"No saved predictor at {str(path)!r} (expected {MANIFEST}); save one with `Predictor.save`."
-    if path.parent.is_dir():
+    if path.is_file() and (path.parent / MANIFEST).is_file():
+        msg += f" {path.name!r} is a file of the predictor saved in {str(path.parent)!r}: pass that directory."
+    elif path.parent.is_dir():
         left = sorted(p for p in path.parent.glob(f".{path.name}.old-*") if (p / MANIFEST).is_file())
         if left:
             msg += (
