@@ -202,6 +202,12 @@ def test_newer_format_and_unknown_model(saved):
     _edit_manifest(saved, lambda m: m.pop("genes"))
     with pytest.raises(PredictorFileError, match=r"manifest\.json lacks \['genes'\]"):
         stpred.tl.load(saved)
+    _edit_manifest(saved, lambda m: m.update(genes=["a", "b", "c"], files={"weights.pt": {"sha256": "0" * 64}}))
+    with pytest.raises(PredictorFileError, match=r"manifest\.json lacks the size or sha256 of 'weights.pt'"):
+        stpred.tl.load(saved)
+    _edit_manifest(saved, lambda m: m.update(files={"weights.pt": {"sha256": "0", "bytes": 1}, "../x": {}}))
+    with pytest.raises(PredictorFileError, match=r"malformed `files` entry '../x'"):
+        stpred.tl.load(saved)
 
 
 def test_weights_of_another_model_are_refused(saved, tmp_path):

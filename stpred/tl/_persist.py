@@ -236,6 +236,13 @@ def _require(file: Path, mapping: Any, keys: tuple[str, ...], *, where: str = ""
 
 def _check_files(path: Path, manifest: dict[str, Any]) -> None:
     for name, expected in manifest["files"].items():
+        if Path(name).name != name or not isinstance(expected, dict):
+            msg = f"{path / MANIFEST} has a malformed `files` entry {name!r}; it was not written by `Predictor.save`."
+            raise PredictorFileError(msg)
+        if not isinstance(expected.get("bytes"), int) or not isinstance(expected.get("sha256"), str):
+            msg = f"{path / MANIFEST} lacks the size or sha256 of {name!r}; it is corrupted. Save the predictor again."
+            raise PredictorFileError(msg)
+    for name, expected in manifest["files"].items():
         file = path / name
         if not file.is_file():
             if name == HISTORY:
@@ -247,14 +254,14 @@ def _check_files(path: Path, manifest: dict[str, Any]) -> None:
         if found["bytes"] != expected.get("bytes"):
             kind = "empty" if found["bytes"] == 0 else ("truncated" if found["bytes"] < expected["bytes"] else "changed")
             msg = (
-                f"{file} is {kind}: {found['bytes']} bytes, {MANIFEST} says {expected.get('bytes')}. "
+                f"{file} is {kind}: {found['bytes']} bytes, {MANIFEST} says {expected['bytes']}. "
                 "It was damaged or replaced after saving; save the predictor again."
             )
             raise PredictorFileError(msg)
         if found["sha256"] != expected.get("sha256"):
             msg = (
                 f"{file} fails its checksum (sha256 {found['sha256'][:12]}…, {MANIFEST} says "
-                f"{str(expected.get('sha256'))[:12]}…): it is not the file saved with this manifest. Save the "
+                f"{expected['sha256'][:12]}…): it is not the file saved with this manifest. Save the "
                 "predictor again."
             )
             raise PredictorFileError(msg)
