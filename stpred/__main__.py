@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: A CPU-friendly HiFusion: the paper's structure (3 spot levels, context branch, cross-attention) at 1/4 width
 #: and half the crop size, so the demo trains in a few minutes on a laptop.
@@ -69,15 +72,8 @@ def demo(
         ignore_index=True,
     )
     scores.to_csv(out / "metrics.csv", index=False)
-    pooled = scores[scores["section"] == "pooled"].pivot(index="metric", columns="key", values="value")
-    summary = {
-        "hifusion_mse": float(pooled.loc["mse", "stpred_hifusion"]),
-        "baseline_mse": float(pooled.loc["mse", "baseline_mean"]),
-        "hifusion_pcc_gene": float(pooled.loc["pcc_gene", "stpred_hifusion"]),
-        "baseline_pcc_gene": float(pooled.loc["pcc_gene", "baseline_mean"]),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = _summary(scores, seconds=time.perf_counter() - t0)
+    write_summary(out / "summary.json", summary)
     predictor.save(out / "predictor", overwrite=True)
 
     genes = _best_genes(scores, table, n=3)
@@ -86,6 +82,25 @@ def demo(
     fig = stpred.pl.history(predictor, show=False)
     _savefig(fig, out / "history.png")
     return summary
+
+
+def _summary(scores: pd.DataFrame, *, seconds: float) -> dict[str, float]:
+    """Pooled test ``mse`` and ``pcc_gene`` of HiFusion and the baseline (``pcc_gene`` of the constant baseline is NaN)."""
+    pooled = scores[scores["section"] == "pooled"].pivot(index="metric", columns="key", values="value")
+    return {
+        "hifusion_mse": float(pooled.loc["mse", "stpred_hifusion"]),
+        "baseline_mse": float(pooled.loc["mse", "baseline_mean"]),
+        "hifusion_pcc_gene": float(pooled.loc["pcc_gene", "stpred_hifusion"]),
+        "baseline_pcc_gene": float(pooled.loc["pcc_gene", "baseline_mean"]),
+        "seconds": round(seconds, 1),
+    }
+
+
+def write_summary(path: Path, summary: dict[str, float]) -> Path:
+    """Write the demo summary as strict JSON: undefined values (NaN) become ``null``."""
+    from stpred._provenance import write_json
+
+    return write_json(path, summary)
 
 
 def _best_genes(scores: object, table: object, n: int) -> list[str]:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -86,3 +90,39 @@ def record(adata: AnnData, step: str, **params: Any) -> dict[str, Any]:
     history[f"{len(history):03d}_{step}"] = entry
     uns["history"] = history
     return entry
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` as strict-JSON types: NaN and ±inf become ``None``.
+
+    Numpy scalars and arrays, tuples, sets and paths become plain Python values; mapping keys become strings.
+    """
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): finite_json(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return finite_json(value.tolist())
+    if isinstance(value, list | tuple | set | frozenset):
+        return [finite_json(v) for v in (sorted(value, key=str) if isinstance(value, set | frozenset) else value)]
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    return value if isinstance(value, bool | int | float | str) else repr(value)
+
+
+def dumps_json(value: Any, *, indent: int | None = 2) -> str:
+    """Strict JSON text of ``value`` (the one way stpred writes JSON): NaN/inf are written as ``null``."""
+    return json.dumps(finite_json(value), indent=indent, allow_nan=False)
+
+
+def write_json(path: str | os.PathLike, value: Any, *, indent: int | None = 2) -> Path:
+    """Write ``value`` as strict JSON (see :func:`dumps_json`) to ``path`` and return the path."""
+    path = Path(path)
+    path.write_text(dumps_json(value, indent=indent) + "\n")
+    return path

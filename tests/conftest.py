@@ -146,3 +146,76 @@ def _pooled_vs_training_mean(
 def against_training_mean():
     """``f(sdata, key, train=[...], test=[...]) -> (model_scores, baseline_scores)``, pooled over ``test``."""
     return _pooled_vs_training_mean
+
+
+def _table_state(table: object) -> dict:
+    """Copies of everything a refused call must leave alone in one AnnData table."""
+    import copy
+
+    import numpy as np
+
+    def dense(x: object) -> np.ndarray:
+        return np.array(x.toarray() if hasattr(x, "toarray") else x, copy=True)
+
+    return {
+        "shape": table.shape,
+        "X": dense(table.X),
+        "obs": table.obs.copy(),
+        "var": table.var.copy(),
+        "obsm": {k: dense(v) for k, v in table.obsm.items()},
+        "layers": {k: dense(v) for k, v in table.layers.items()},
+        "uns": copy.deepcopy(dict(table.uns)),
+    }
+
+
+def _assert_same(before: object, after: object, where: str) -> None:
+    import numpy as np
+    import pandas as pd
+
+    if isinstance(before, dict):
+        assert isinstance(after, dict), where
+        assert sorted(map(str, before)) == sorted(map(str, after)), f"keys of {where} changed"
+        for k in before:
+            _assert_same(before[k], after[k], f"{where}[{k!r}]")
+    elif isinstance(before, pd.DataFrame):
+        pd.testing.assert_frame_equal(before, after, obj=where)
+    elif isinstance(before, np.ndarray | list | tuple) and not isinstance(before, str):
+        a, b = np.asarray(before), np.asarray(after)
+        if a.dtype.kind in "biuf" and b.dtype.kind in "biuf":
+            assert a.dtype == b.dtype, f"{where}: dtype {a.dtype} → {b.dtype}"
+            np.testing.assert_array_equal(a, b, err_msg=where)  # NaN equals NaN here
+        else:
+            np.testing.assert_array_equal(np.asarray(before, dtype=object), np.asarray(after, dtype=object), where)
+    else:
+        assert before == after or (before != before and after != after), f"{where}: {before!r} → {after!r}"
+
+
+class _Unchanged:
+    """``with assert_unchanged(sdata): call()``: the SpatialData (or AnnData) is exactly as before the block."""
+
+    def __init__(self, obj: object) -> None:
+        self.obj = obj
+
+    def _state(self) -> dict:
+        from anndata import AnnData
+
+        if isinstance(self.obj, AnnData):
+            return {"table": _table_state(self.obj)}
+        kinds = ("images", "labels", "points", "shapes", "tables")
+        return {
+            "elements": {kind: sorted(getattr(self.obj, kind)) for kind in kinds},
+            "tables": {name: _table_state(t) for name, t in self.obj.tables.items()},
+        }
+
+    def __enter__(self) -> _Unchanged:
+        self.before = self._state()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _assert_same(self.before, self._state(), "sdata")
+
+
+@pytest.fixture
+def assert_unchanged():
+    """``with assert_unchanged(sdata): ...``: fails if the block changed any element, table, layer, obsm or uns."""
+    return _Unchanged

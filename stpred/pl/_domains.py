@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE, image_key
+from .._constants import SECTION_KEY, STPRED_TABLE, image_key
 from .._docs import doc_params, doc_sdata
 from .._sections import section_names
-from .._validate import check_sections, get_table
+from .._validate import check_sections, check_spatial, get_table
 from ._spatial import _as_list
 from ._utils import (
     check_axes,
@@ -124,7 +124,7 @@ def domains_data(
         raise KeyError(msg)
     sections = check_sections(sections, section_names(table))
     labels_all = table.obs[SECTION_KEY].astype(str).to_numpy()
-    xy_all = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)
+    xy_all = check_spatial(table, name=table_key, needed_for="domain plots")
     values: dict[str, np.ndarray] = {}
     for k in keys:
         col = table.obs[k]

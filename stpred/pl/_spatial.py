@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE, TARGET_LAYER, image_key
+from .._constants import SECTION_KEY, STPRED_TABLE, TARGET_LAYER, image_key
 from .._docs import doc_params, doc_sdata
 from .._sections import section_names
-from .._validate import check_sections, get_table
+from .._validate import check_sections, check_spatial, get_table
 from ._utils import (
     check_axes,
     doc_show_save,
@@ -131,7 +131,7 @@ def spatial_data(
         msg = f"Expected `percentiles` (low, high) with 0 <= low < high <= 100, found {percentiles!r}."
         raise ValueError(msg)
     labels = table.obs[SECTION_KEY].astype(str).to_numpy()
-    xy_all = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)
+    xy_all = check_spatial(table, name=table_key, needed_for="spatial plots")
     rows = []
     limits: dict[str, tuple[float, float]] = {}
     for gene in genes:

@@ -17,7 +17,14 @@ from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE, UNS_KEY
 from .._docs import doc_overwrite, doc_params, doc_sdata, doc_sections, doc_table_key
 from .._provenance import record
 from .._sections import section_names
-from .._validate import check_one_of, check_positive, check_sections, get_table
+from .._validate import (
+    check_one_of,
+    check_positive,
+    check_raw_counts,
+    check_sections,
+    check_table_shape,
+    get_table,
+)
 from ._inplace import check_copy_inplace, table_copy
 
 if TYPE_CHECKING:
@@ -29,16 +36,6 @@ logger = logging.getLogger(__name__)
 _FLAVORS = ("mean", "hvg")
 
 
-def _check_counts(X: np.ndarray | sparse.spmatrix, *, name: str) -> None:
-    values = X.data if sparse.issparse(X) else np.asarray(X)
-    if values.size == 0:
-        return
-    if np.isnan(values).any():
-        msg = f"The counts of table {name!r} contain NaN ({int(np.isnan(values).sum())} entries); expected raw counts."
-        raise ValueError(msg)
-    if (values < 0).any():
-        msg = f"The counts of table {name!r} contain negative values (min {float(values.min())}); expected raw counts."
-        raise ValueError(msg)
 
 
 def _shared_genes(raw: AnnData) -> np.ndarray:
@@ -193,6 +190,7 @@ def select_genes(
     table_key: str = "table",
     key_added: str = STPRED_TABLE,
     overwrite: bool = False,
+    allow_non_integer: bool = False,
     inplace: bool = True,
     copy: bool = False,
 ) -> AnnData | SpatialData | None:
@@ -242,6 +240,9 @@ def select_genes(
     copy
         ``True``: return a new SpatialData holding copies of the tables plus the new table, sharing the other
         elements with ``sdata``, which stays unchanged. Cannot be combined with ``inplace=False``.
+    allow_non_integer
+        Accept non-integer values in ``X`` (e.g. counts estimated by another tool), with a warning. By default
+        ``X`` must hold raw counts: finite, non-negative integers; log-transformed or normalised data is refused.
 
     Returns
     -------
@@ -275,6 +276,8 @@ def select_genes(
             f"{err.args[0]} Pass `table_key=` naming the raw-count table, or read the data with an `stpred.io` reader."
         )
         raise KeyError(msg) from None
+    check_table_shape(raw, name=table_key)
+    check_raw_counts(raw.X, name=table_key, allow_non_integer=allow_non_integer)
     if genes is not None:
         given = [name for name, v in (("n_top", n_top), ("flavor", flavor), ("exclude", exclude)) if v is not None]
         if given:
@@ -299,7 +302,6 @@ def select_genes(
     if table_key in (STPRED_TABLE, key_added):
         msg = f"`table_key` must name the raw-count table, not {table_key!r} (the table `select_genes` writes)."
         raise ValueError(msg)
-    _check_counts(raw.X, name=table_key)
     shared = np.flatnonzero(_shared_genes(raw))
 
     sec = raw.obs[SECTION_KEY].astype(str).to_numpy()
@@ -344,6 +346,7 @@ def select_genes(
         "n_top": int(n_top),
         "sections": list(chosen),
         "test_sections_included": set(chosen) == set(available),
+        **({"allow_non_integer": True} if allow_non_integer else {}),
         **info,
     }
     adata.uns[UNS_KEY] = uns

@@ -11,7 +11,7 @@ from scipy import sparse
 from .._constants import STPRED_TABLE, TARGET_LAYER, UNS_KEY
 from .._docs import doc_params, doc_sdata
 from .._provenance import record, stpred_uns
-from .._validate import check_one_of, get_table
+from .._validate import check_one_of, check_raw_counts, check_table_shape, get_table
 from ._inplace import check_copy_inplace, table_copy
 
 if TYPE_CHECKING:
@@ -111,6 +111,9 @@ def normalize(
     check_copy_inplace(copy=copy, inplace=inplace)
     table = get_table(sdata, table_key, made_by="pp.select_genes")
     check_one_of(method, _METHODS, name="method")
+    check_table_shape(table, name=table_key)
+    selection = dict(table.uns.get(UNS_KEY, {}).get("gene_selection", {}))
+    check_raw_counts(table.X, name=table_key, allow_non_integer=bool(selection.get("allow_non_integer", False)))
     if not isinstance(key_added, str) or not key_added:
         msg = f"Expected `key_added` to be a non-empty layer name, found {key_added!r}."
         raise ValueError(msg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from .._constants import INSTANCE_KEY, REGION_KEY, SECTION_KEY, STPRED_TABLE, im
 from .._docs import doc_params, doc_sdata, doc_sections
 from .._provenance import plain, record, stpred_uns
 from .._sections import section_names
-from .._validate import check_positive, check_sections, get_table
+from .._validate import check_positive, check_sections, check_table_shape, get_table
 
 if TYPE_CHECKING:
     import os
@@ -511,7 +512,43 @@ def _plan_section(
         windows = dict(sizes)
     else:
         windows = {k: max(1, round(s * mpp / level_mpp)) for k, s in sizes.items()}
+    _warn_padding(section, cx, cy, windows, height=height, width=width)
     return _SectionPlan(section, rows, level, cx, cy, windows, level_mpp)
+
+
+#: Share of zero-padded crop pixels above which extraction warns (below it: a log message).
+_PAD_WARN = 0.05
+
+
+def _inside_pixels(centre: np.ndarray, window: int, extent: int) -> np.ndarray:
+    """Per spot, the number of the window's pixels along one axis that lie inside ``[0, extent)``."""
+    lo = centre - window // 2
+    return np.clip(np.minimum(lo + window, extent) - np.maximum(lo, 0), 0, None)
+
+
+def _warn_padding(
+    section: str, cx: np.ndarray, cy: np.ndarray, windows: dict[str, int], *, height: int, width: int
+) -> None:
+    """Warn when crops are larger than the image or much of them falls outside it (those pixels are zero-padded)."""
+    for name, win in windows.items():
+        inside = _inside_pixels(cx, win, width) * _inside_pixels(cy, win, height)
+        padded = 1.0 - float(inside.sum()) / (len(cx) * win * win)
+        if padded <= 0:
+            continue
+        n_spots = int((inside < win * win).sum())
+        msg = (
+            f"Section {section!r}: {name} crops of {win}×{win} px (at the level used) reach beyond the "
+            f"{width}×{height} px image for {n_spots} of {len(cx)} spots; {padded:.1%} of their pixels are zero "
+            "padding."
+        )
+        if win > min(height, width) or padded > _PAD_WARN:
+            warnings.warn(
+                msg + " Use a smaller `size`/`context_size` or a coarser `mpp`, or check the image scale.",
+                UserWarning,
+                stacklevel=4,
+            )
+        else:
+            logger.info(msg)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -660,6 +697,7 @@ def extract_patches(
     from tqdm.auto import tqdm
 
     table = get_table(sdata, table_key, made_by="pp.select_genes")
+    check_table_shape(table, name=table_key)
     for name, value in (("size", size), ("context_size", context_size)):
         if value is None and name == "context_size":
             continue

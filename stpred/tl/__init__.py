@@ -11,6 +11,7 @@ _NAMES = {
     "predict": "_predict",
     "load": "_predictor",
     "Predictor": "_predictor",
+    "PredictorFileError": "_persist",
     "evaluate": "_evaluate",
     "cross_validate": "_cv",
     "CVResult": "_cv",
@@ -25,5 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._domains import domain_agreement, domains, spatial_autocorr_agreement
     from ._evaluate import evaluate
     from ._fit import fit
+    from ._persist import PredictorFileError
     from ._predict import predict
     from ._predictor import Predictor, load

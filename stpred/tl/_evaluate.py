@@ -224,6 +224,34 @@ def _predicted_sections(pred: np.ndarray, sec: np.ndarray) -> list[str]:
     return [s for s in dict.fromkeys(sec.tolist()) if has[sec == s].any()]
 
 
+def _warn_if_seen_in_training(table: AnnData, key: str, scored: np.ndarray) -> None:
+    """Warn when sections scored for layer ``key`` trained or validated the model that wrote it (from provenance)."""
+    uns = dict(table.uns.get(UNS_KEY, {}))
+    entry = dict(dict(uns.get("predictions", {})).get(key, {}))
+    if not entry:
+        return  # not written by tl.predict: nothing recorded about its training
+    model = entry.get("model")
+    fitted = dict(dict(uns.get("models", {})).get(model, {}))
+    train = entry.get("train_sections", fitted.get("train_sections"))
+    validation = dict(entry.get("validation", fitted.get("validation")) or {})
+    scored = set(map(str, scored))
+    seen_train = sorted(scored & set(map(str, np.atleast_1d(train if train is not None else []))))
+    val_sections = validation.get("sections") if validation.get("rule") != "spatial blocks" else None
+    seen_val = sorted(scored & set(map(str, np.atleast_1d(val_sections if val_sections is not None else []))))
+    if not seen_train and not seen_val:
+        return
+    parts = []
+    if seen_train:
+        parts.append(f"trained on {seen_train}")
+    if seen_val:
+        parts.append(f"chose its best epoch on {seen_val}")
+    msg = (
+        f"Layer {key!r} was predicted by model {model!r}, which {' and '.join(parts)}; scores of those sections are "
+        "optimistic. Pass `sections=[...]` with held-out sections only for an honest estimate."
+    )
+    warnings.warn(msg, UserWarning, stacklevel=3)
+
+
 @doc_params(sdata=doc_sdata)
 def evaluate(
     sdata: SpatialData | AnnData,
@@ -247,6 +275,9 @@ def evaluate(
     offsets (it is MMAP's paper metric) and is reported beside the headline, labelled. With ``compare``, the
     comparator layers are scored on exactly the same spots and the paired per-gene PCC difference (``key`` minus
     comparator) is added with 95 % bootstrap intervals over genes and over sections.
+
+    A :class:`UserWarning` is issued when a scored section trained (or selected the best epoch of) the model
+    that wrote ``key``, as recorded in ``uns["stpred"]`` by :func:`stpred.tl.fit` and :func:`stpred.tl.predict`.
 
     Parameters
     ----------
@@ -347,6 +378,7 @@ def evaluate(
     if not keep.any():
         msg = f"Layer {key!r} has no spot with a complete prediction in sections {chosen}."
         raise ValueError(msg)
+    _warn_if_seen_in_training(table, key, table.obs[SECTION_KEY].astype(str).to_numpy()[keep])
     if hist_metric == "auto":
         method = dict(stpred_uns(table).get("normalize", {})).get("method")
         hist_metric = method == "log1p" and truth == TARGET_LAYER

@@ -11,7 +11,7 @@ from .._constants import STPRED_TABLE, UNS_KEY, prediction_layer
 from .._docs import doc_overwrite, doc_params, doc_sdata
 from .._provenance import plain, record, stpred_uns
 from .._sections import section_names
-from .._validate import check_sections, get_table
+from .._validate import check_device, check_sections, get_table
 from ._predictor import Predictor, resolve_predictor
 
 if TYPE_CHECKING:
@@ -49,7 +49,8 @@ def predict(
     batch_size
         Spots per inference batch.
     device
-        ``"cuda"`` or ``"cpu"`` (default: CUDA when available).
+        ``"cuda"``, ``"cuda:<index>"``, ``"cpu"`` or ``"mps"`` (default: CUDA when available). A device this
+        torch build cannot use is refused before any work.
     progress
         Show a progress bar.
 
@@ -64,6 +65,7 @@ def predict(
     >>> stpred.tl.predict(sdata, "hifusion", sections=["S2"])
     >>> sdata.tables["stpred"].layers["stpred_hifusion"]
     """
+    device = check_device(device)
     table = get_table(sdata, table_key, made_by="pp.select_genes")
     predictor = resolve_predictor(sdata, model, table_key=table_key)
     key = key_added or prediction_layer(predictor.name)
@@ -87,6 +89,7 @@ def predict(
         "normalize": predictor.normalize,
         "seed": predictor.info.get("seed"),
         "train_sections": predictor.info.get("train_sections"),
+        "validation": predictor.info.get("validation"),
         "config": predictor.info.get("config"),
         "checkpoint": predictor.info.get("checkpoint"),
         "versions": predictor.info.get("versions"),

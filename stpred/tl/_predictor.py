@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import weakref
 from pathlib import Path
@@ -12,7 +11,6 @@ import numpy as np
 import pandas as pd
 
 from .._constants import STPRED_TABLE, UNS_KEY
-from .._provenance import plain, versions
 from .._validate import check_sections, get_table
 
 if TYPE_CHECKING:
@@ -20,10 +18,6 @@ if TYPE_CHECKING:
 
     from ..models import StpredModel
     from ..pp._patches import PatchBank
-
-_WEIGHTS = "weights.pt"
-_META = "predictor.json"
-_HISTORY = "history.csv"
 
 #: Predictors fitted in this process, per SpatialData object, so that ``predict(sdata, model="hifusion")`` finds them.
 _FITTED: weakref.WeakKeyDictionary[Any, dict[str, Predictor]] = weakref.WeakKeyDictionary()
@@ -181,39 +175,35 @@ class Predictor:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write weights, gene panel, recipe and history to the directory ``path``.
+        """Write weights, gene panel, recipe and history to the directory ``path``, atomically.
+
+        The files are written to a temporary sibling directory that is then renamed into place, so an interrupted
+        save leaves either the previous predictor or the new one, never a mix. ``manifest.json`` records the model
+        config, genes, normalisation and a sha256 of every file; :func:`stpred.tl.load` checks them.
 
         Parameters
         ----------
         path
             Target directory (created).
         overwrite
-            Replace an existing directory's predictor files.
-        """
-        import torch
+            Replace a predictor already saved at ``path``.
 
-        path = Path(path)
-        if (path / _META).exists() and not overwrite:
-            msg = f"{path} already holds a saved predictor; pass `overwrite=True` to replace it."
-            raise FileExistsError(msg)
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save(self.model.state_dict(), path / _WEIGHTS)
-        meta = {
-            "model": self.name,
-            "genes": self.genes,
-            "normalize": self.normalize,
-            "sizes": self.sizes,
-            "model_kwargs": plain(self.model_kwargs),
-            "info": plain(self.info),
-            "versions": versions(),
-        }
-        (path / _META).write_text(json.dumps(meta, indent=2))
-        self.history.to_csv(path / _HISTORY, index=False)
-        return path
+        Returns
+        -------
+        ``path``.
+
+        Examples
+        --------
+        >>> predictor.save("hifusion_c2")
+        >>> stpred.tl.load("hifusion_c2")
+        """
+        from ._persist import save_predictor
+
+        return save_predictor(self, path, overwrite=overwrite)
 
 
 def load(path: str | os.PathLike) -> Predictor:
-    """Load a predictor written by :meth:`Predictor.save`.
+    """Load a predictor written by :meth:`Predictor.save`, checking every file against its manifest.
 
     Parameters
     ----------
@@ -222,45 +212,24 @@ def load(path: str | os.PathLike) -> Predictor:
 
     Returns
     -------
-    The predictor, with weights loaded strictly (any missing or unexpected tensor is an error).
+    The predictor, with weights loaded strictly (any missing, unexpected or reshaped tensor is an error).
+
+    Raises
+    ------
+    FileNotFoundError
+        No saved predictor at ``path``.
+    stpred.tl.PredictorFileError
+        A file is missing, empty, truncated or fails its checksum; the weights do not fit the model the manifest
+        describes; the manifest names an unknown model or was written by a newer stpred. The message names the file.
 
     Examples
     --------
     >>> predictor.save("hifusion_c2")
     >>> stpred.tl.predict(sdata, stpred.tl.load("hifusion_c2"), key_added="stpred_hifusion_c2")
     """
-    import torch
+    from ._persist import load_predictor
 
-    from ..models import get_model
-
-    path = Path(path)
-    if not (path / _META).is_file() or not (path / _WEIGHTS).is_file():
-        msg = f"No saved predictor at {str(path)!r} (expected {_META} and {_WEIGHTS}); save one with `Predictor.save`."
-        raise FileNotFoundError(msg)
-    meta = json.loads((path / _META).read_text())
-    cls = get_model(meta["model"])
-    # weight files named at training time are not needed (their tensors are in weights.pt) and may not exist here
-    kwargs = {k: (None if k.endswith("weights") and isinstance(v, str) else v) for k, v in meta["model_kwargs"].items()}
-    model = cls(**meta["sizes"], **kwargs)
-    state = torch.load(path / _WEIGHTS, map_location="cpu", weights_only=True)
-    restore = getattr(model, "prepare_state_dict", None)
-    if restore is not None:
-        restore(state)
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    history = pd.read_csv(path / _HISTORY) if (path / _HISTORY).stat().st_size > 1 else pd.DataFrame()
-    info = dict(meta.get("info", {}))
-    info["checkpoint"] = str(path)
-    return Predictor(
-        model,
-        name=meta["model"],
-        genes=meta["genes"],
-        normalize=meta["normalize"],
-        sizes=meta["sizes"],
-        model_kwargs=meta["model_kwargs"],
-        history=history,
-        info=info,
-    )
+    return load_predictor(path)
 
 
 def register_fitted(sdata: SpatialData, predictor: Predictor) -> None:

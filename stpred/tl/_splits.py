@@ -56,8 +56,9 @@ def validation_split(
         Sections available for training (never test sections).
     val
         ``None``: automatic — held-out patients when the training sections span at least two patients
-        (``ceil(val_fraction × n_patients)`` of them), otherwise a spatial block (a strip of about
-        ``val_fraction`` of the spots along x) of every training section. A list of section names: those
+        (``ceil(val_fraction × n_patients)`` of them), otherwise a spatial block of every training section: the
+        spots ranked along x (ties broken by y) are cut into ``round(1 / val_fraction)`` strips of equal counts
+        and one strip, chosen by ``seed``, is held out. Works for any section of at least 2 spots and any seed. A list of section names: those
         sections (they must not be training sections). ``False``: no validation (the last epoch is kept).
     val_fraction
         Fraction of patients or spots held out by the automatic rule.
@@ -104,22 +105,32 @@ def validation_split(
         train = {s: np.flatnonzero(col == s) for s in tr_secs}
         valr = {s: np.flatnonzero(col == s) for s in val_secs}
         return train, valr, {"rule": "held-out patients", "patients": held, "sections": val_secs}
-    xy = np.asarray(table.obsm[SPATIAL_KEY])
+    if SPATIAL_KEY not in table.obsm:
+        msg = (
+            f"The automatic validation split of a single patient needs spot coordinates in `obsm[{SPATIAL_KEY!r}]` "
+            "of the `stpred` table; none found. Pass `val=[...]` sections or `val=False`, or add the coordinates."
+        )
+        raise KeyError(msg)
+    xy = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)
     train, valr = {}, {}
     n_strips = max(2, round(1 / val_fraction))
     for s in train_sections:
         rows = np.flatnonzero(col == s)
-        x = xy[rows, 0]
-        edges = np.quantile(x, np.linspace(0, 1, n_strips + 1))
-        strip = int(rng.integers(n_strips))
-        lo, hi = edges[strip], edges[strip + 1]
-        in_val = (x >= lo) & (x <= hi) if strip == n_strips - 1 else (x >= lo) & (x < hi)
-        if in_val.all() or not in_val.any():
-            msg = f"Section {s!r} has too few spots ({len(rows)}) to hold out a spatial validation block."
+        if len(rows) < 2:
+            msg = (
+                f"Section {s!r} has {len(rows)} spot(s); a spatial validation block needs at least 2 (one to train "
+                "on, one to validate). Pass `val=[...]` sections or `val=False`."
+            )
             raise ValueError(msg)
+        # strips of equal spot counts along x (ties broken by y): never empty, whatever the grid or the seed
+        order = rows[np.lexsort((rows, xy[rows, 1], xy[rows, 0]))]
+        strips = [chunk for chunk in np.array_split(order, n_strips) if len(chunk)]
+        strip = int(rng.integers(n_strips)) % len(strips)
+        in_val = np.isin(rows, strips[strip])
         train[s] = rows[~in_val]
         valr[s] = rows[in_val]
-    return train, valr, {"rule": "spatial blocks", "fraction": val_fraction, "n_strips": n_strips, "axis": "x"}
+    description = {"rule": "spatial blocks", "fraction": val_fraction, "n_strips": n_strips, "axis": "x"}
+    return train, valr, description
 
 
 def slide_wise_folds(table: AnnData, *, n_folds: int, group_key: str = PATIENT_KEY) -> list[dict[str, Any]]:
