@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -12,17 +13,18 @@ import torch
 from torch import nn
 
 import stpred
-from stpred.models import register_model
+from stpred.models import StpredModel, register_model
 from stpred.tl import Predictor, PredictorFileError, _persist
 
 
 @register_model("toy_persist")
-class _ToyPersist(nn.Module):
+class _ToyPersist(StpredModel):
     inputs = ("spot",)
     batching = "spots"
 
     def __init__(self, n_genes: int, *, width: int = 4) -> None:
         super().__init__()
+        self.config = SimpleNamespace(n_genes=n_genes, width=width)
         self.body = nn.Linear(3, width)
         self.head = nn.Linear(width, n_genes)
 

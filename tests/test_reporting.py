@@ -13,14 +13,15 @@ import torch
 from torch import nn
 
 import stpred
-from stpred.models import register_model
+from stpred.models import StpredModel, register_model
 from stpred.tl import Predictor
 
 
 @register_model("toy_reporting")
-class _ToyEmbedding(nn.Module):
+class _ToyEmbedding(StpredModel):
     inputs = ("embedding",)
     batching = "spots"
+    data_sizes = ("in_dim", "n_genes")
 
     def __init__(self, in_dim: int, n_genes: int) -> None:
         super().__init__()

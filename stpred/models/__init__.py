@@ -16,12 +16,13 @@ _NAMES = {
     "unregister_model": "_registry",
     "StpredModel": "_base",
     "LossOutput": "_base",
+    "RandomWeightsWarning": "_base",
     "TrainDefaults": "_base",
 }
 __getattr__, __dir__, __all__ = attach(__name__, _NAMES)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._base import LossOutput, StpredModel, TrainDefaults
+    from ._base import LossOutput, RandomWeightsWarning, StpredModel, TrainDefaults
     from ._registry import get_model, list_models, register_model, unregister_model
     from .hifusion import HiFusion
     from .hist import HiST

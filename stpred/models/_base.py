@@ -37,6 +37,13 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+class RandomWeightsWarning(UserWarning):
+    """A model was built with randomly initialised weights where its paper uses pretrained ones.
+
+    Loading a saved predictor silences it: the weights come from the file.
+    """
+
+
 @dataclass(frozen=True)
 class TrainDefaults:
     """Optimisation defaults a model declares (``config.train``); :func:`stpred.tl.fit` overrides them.

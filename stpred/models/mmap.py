@@ -73,7 +73,7 @@ from .._constants import BatchKeys
 from .._imaging import imagenet_normalize, standardize
 from .._validate import check_one_of, check_positive
 from ._augment import brightness_contrast, dihedral, elastic
-from ._base import LossOutput, StpredModel, TrainDefaults
+from ._base import LossOutput, RandomWeightsWarning, StpredModel, TrainDefaults
 from ._kmeans import kmeans
 from ._registry import register_model
 from .encoders.lora import inject_lora, lora_parameters
@@ -84,7 +84,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["MMAP", "MMAPConfig", "QueryAttention", "RandomBackboneWarning"]
 
 
-class RandomBackboneWarning(UserWarning):
+class RandomBackboneWarning(RandomWeightsWarning):
     """Raised when an :class:`MMAP` is built without pretrained backbone weights (``backbone_weights=None``)."""
 
 _N_VIEWS = 3

@@ -296,6 +296,7 @@ def _legacy_manifest(path: Path) -> dict[str, Any]:
 
 def _build_model(path: Path, manifest: dict[str, Any]) -> nn.Module:
     from ..models import get_model
+    from ..models._base import RandomWeightsWarning
 
     name = manifest["model"]
     file = path / (MANIFEST if (path / MANIFEST).is_file() else LEGACY_META)
@@ -311,7 +312,10 @@ def _build_model(path: Path, manifest: dict[str, Any]) -> nn.Module:
         for k, v in dict(manifest["config"]["model_kwargs"]).items()
     }
     try:
-        return cls(**sizes, **kwargs)
+        with warnings.catch_warnings():
+            # the weights come from the file, so a warning about random initial weights does not apply
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+            return cls.from_sizes(sizes, **kwargs)
     except (TypeError, ValueError) as err:
         msg = f"The config in {file} does not build a {name!r} model ({err}). It is corrupted or from another version."
         raise PredictorFileError(msg) from None
