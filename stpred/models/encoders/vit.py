@@ -548,7 +548,10 @@ def _timm_translate(model: VisionTransformer, *, prefix: str | None = None) -> C
         if prefix and any(k.startswith(prefix) for k in state):
             state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         pos = state.get("pos_embed")
-        if isinstance(pos, Tensor) and pos.ndim == 3 and pos.shape[1] != model.pos_embed.shape[1]:
+        n_patches = pos.shape[1] - model.pos_embed_prefix_tokens if isinstance(pos, Tensor) and pos.ndim == 3 else 0
+        square = n_patches > 0 and math.isqrt(n_patches) ** 2 == n_patches
+        # resample a grid laid out for another image size; any other layout is left for the strict check to report
+        if square and pos.shape[1] != model.pos_embed.shape[1] and pos.shape[2] == model.embed_dim:
             grid = model.img_size // model.patch_size
             logger.info("Resampling pos_embed from %d to %d positions.", pos.shape[1], model.pos_embed.shape[1])
             pos = resample_pos_embed(pos, (grid, grid), num_prefix_tokens=model.pos_embed_prefix_tokens)
