@@ -14,7 +14,6 @@ _NAMES = {
     "resnet18": "resnet",
     "resnet34": "resnet",
     "resnet50": "resnet",
-    "PRETRAINED": "pretrained",
     "PretrainedEncoder": "pretrained",
     "fetch_weights": "pretrained",
     "load_weights": "_weights",
@@ -29,6 +28,6 @@ __getattr__, __dir__, __all__ = attach(__name__, _NAMES)
 if TYPE_CHECKING:  # pragma: no cover
     from ._weights import load_weights
     from .lora import LoRALinear
-    from .pretrained import PRETRAINED, PretrainedEncoder, fetch_weights
+    from .pretrained import PretrainedEncoder, fetch_weights
     from .resnet import BasicBlock, Bottleneck, ResNet, resnet10, resnet18, resnet34, resnet50
     from .vit import VisionTransformer, vit_large_patch16_224, vit_small, vit_tiny
