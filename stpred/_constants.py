@@ -17,6 +17,11 @@ SECTION_KEY = "section"
 PATIENT_KEY = "patient"
 SPATIAL_KEY = "spatial"
 
+#: ImageNet channel means of images scaled to [0, 1] (torchvision, timm and UNI use these).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+#: ImageNet channel standard deviations of images scaled to [0, 1].
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 #: Microns between neighbouring spot centres.
 LEGACY_ST_PITCH_UM = 200.0
 VISIUM_PITCH_UM = 100.0

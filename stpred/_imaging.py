@@ -9,21 +9,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._constants import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "imagenet_normalize", "standardize"]
 
-#: ImageNet channel means of images scaled to [0, 1] (torchvision, timm and UNI use these).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-#: ImageNet channel standard deviations of images scaled to [0, 1].
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def imagenet_normalize(x: Tensor) -> Tensor:
-    """Subtract the ImageNet mean and divide by its standard deviation, per channel.
+def imagenet_normalize(
+    x: Tensor,
+    *,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> Tensor:
+    """Subtract a per-channel mean and divide by a per-channel standard deviation (ImageNet's by default).
 
     Parameters
     ----------
     x
         Float images ``(B, 3, H, W)`` scaled to ``[0, 1]``.
+    mean, std
+        Channel statistics; a published encoder trained with other statistics (H-optimus-0, CONCH) passes its own.
 
     Returns
     -------
@@ -35,9 +40,9 @@ def imagenet_normalize(x: Tensor) -> Tensor:
             "Convert uint8 crops with `x.float() / 255` first."
         )
         raise ValueError(msg)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
+    shift = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    scale = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - shift) / scale
 
 
 def standardize(x: Tensor, *, eps: float = 1e-3) -> Tensor:

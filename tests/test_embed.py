@@ -244,13 +244,15 @@ def test_uni_checkpoint_with_layerscale_loads_and_matches_from_checkpoint(prepar
     np.testing.assert_allclose(emb, from_source, rtol=1e-4, atol=1e-5)
     entry = table.uns["stpred"]["embeddings"]["X_emb_uni"]
     assert entry["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert entry["weights"] == str(path)
+    assert entry["weights"] == entry["weights_file"] == str(path)
+    assert entry.get("expected_sha256") is None  # none published for UNI (None is not stored)
     assert "seed" not in entry
-    assert entry["encoder_kwargs"]["init_values"] == 1e-5
+    assert entry["encoder_kwargs"] == {"img_size": SIZE, **TINY_VIT}
 
-    # a randomly initialised UNI architecture gives something else (and says so)
-    with pytest.warns(UserWarning, match="randomly initialised ViT-L/16, not UNI"):
-        stpred.pp.embed(prepared, encoder="uni", key_added="X_emb_random", img_size=SIZE, **TINY_VIT, **QUIET)
+    # the same architecture randomly initialised gives something else
+    stpred.pp.embed(
+        prepared, encoder="vit_large", key_added="X_emb_random", init_values=1e-5, img_size=SIZE, **TINY_VIT, **QUIET
+    )
     assert not np.allclose(table.obsm["X_emb_random"], emb, atol=1e-3)
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from stpred.models.encoders._weights import load_weights
-from stpred.models.encoders.resnet import BasicBlock, ResNet, resnet10, resnet18, resnet34
+from stpred.models.encoders.resnet import BasicBlock, Bottleneck, ResNet, resnet10, resnet18, resnet34, resnet50
 
 
 def _torchvision_keys(layers: tuple[int, ...], *, fc: bool) -> set[str]:
@@ -40,6 +40,40 @@ def test_parameter_counts_match_torchvision():
     assert _n_params(resnet34(num_classes=1000)) == 21_797_672
     assert _n_params(resnet18()) == 11_176_512
     assert _n_params(resnet10()) == 4_905_792
+
+
+def _torchvision_bottleneck_keys() -> set[str]:
+    """torchvision's ResNet-50 state-dict names (Bottleneck: conv1..3/bn1..3, downsample on each stage's block 0)."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = {"conv1.weight", "fc.weight", "fc.bias"} | {f"bn1.{s}" for s in bn}
+    for stage, n in enumerate((3, 4, 6, 3), start=1):
+        for b in range(n):
+            p = f"layer{stage}.{b}"
+            for i in (1, 2, 3):
+                keys |= {f"{p}.conv{i}.weight"} | {f"{p}.bn{i}.{s}" for s in bn}
+            if b == 0:  # stage 1 too: 64 → 256 channels
+                keys |= {f"{p}.downsample.0.weight"} | {f"{p}.downsample.1.{s}" for s in bn}
+    return keys
+
+
+def test_resnet50_matches_torchvision_layout_and_size():
+    with torch.device("meta"):
+        full = resnet50(num_classes=1000)
+    assert set(full.state_dict()) == _torchvision_bottleneck_keys()
+    # torchvision ResNet50_Weights.IMAGENET1K_V1 meta: 25,557,032 parameters
+    assert _n_params(full) == 25_557_032
+    assert full.num_features == 2048
+    state = full.state_dict()
+    assert state["layer2.0.conv2.weight"].shape == (128, 128, 3, 3)  # stride on the 3×3 conv (v1.5)
+    assert full.layer2[0].conv2.stride == (2, 2)
+    assert full.layer2[0].conv1.stride == (1, 1)
+    torch.manual_seed(0)
+    m = resnet50(width=4).eval()
+    assert isinstance(m.layer1[0], Bottleneck)
+    x = torch.randn(2, 3, 64, 64)
+    assert m(x).shape == (2, 128)
+    with pytest.raises(ValueError, match="`block`"):
+        ResNet((1, 1, 1, 1), block="wide")
 
 
 def test_shapes_and_pooling():

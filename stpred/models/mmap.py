@@ -517,7 +517,8 @@ class MMAP(StpredModel):
         tokens = self.backbone.forward_features(self._standardize(views.flatten(0, 1)))  # view-major (3B, 1+P, D)
         tokens = tokens.unflatten(0, (_N_VIEWS, b))
         cls2 = tokens[2, :, 0]
-        seq = torch.cat([tokens[2, :, :1], tokens[0, :, 1:], tokens[1, :, 1:]], dim=1)
+        p = self.backbone.num_prefix_tokens  # CLS (+ register tokens of UNI2-h / H-optimus-0) before the patches
+        seq = torch.cat([tokens[2, :, :1], tokens[0, :, p:], tokens[1, :, p:]], dim=1)
         fused = self.local_attn(seq)
         pred1 = 0.5 * (self.head1(fused) + self.head2(cls2))
         return {"pred": pred1, "feature": fused, "cls": cls2}

@@ -8,14 +8,13 @@ import importlib.util
 import inspect
 import json
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .._constants import STPRED_TABLE
+from .._constants import IMAGENET_MEAN, IMAGENET_STD, STPRED_TABLE
 from .._docs import doc_params, doc_sdata
 from .._provenance import plain, record, stpred_uns
 from .._validate import check_one_of, get_table
@@ -37,7 +36,6 @@ __all__ = ["embed", "list_encoders"]
 _NORMALIZE = ("imagenet", "standardize", "none")
 #: Prefix of hub references accepted by ``weights=`` (downloaded with ``huggingface_hub`` when online).
 _HUB_PREFIX = "hf-hub:"
-_HUB_DEFAULT_FILE = "pytorch_model.bin"
 #: Key under ``uns["stpred"]`` where embedding recipes (and their cache keys) are kept.
 _UNS_EMBEDDINGS = "embeddings"
 #: Embeddings kept on the accelerator before one copy to the host (bounds device memory on large slides).
@@ -46,31 +44,45 @@ _FLUSH_BYTES = 256 * 1024**2
 
 @dataclass(frozen=True)
 class _Spec:
-    """How to build a named encoder: its family, the constructor name and default options."""
+    """How to build a named encoder: its family, the constructor name, default options and published weights."""
 
     family: Literal["resnet", "vit"]
     arch: str
     defaults: dict[str, Any] = field(default_factory=dict)
+    #: the published checkpoint (:mod:`stpred.models.encoders.pretrained`); ``None``: random init by default
+    pretrained: Any = None
 
 
-#: Canonical encoder name → how to build it (sizes can be overridden through ``**encoder_kwargs``).
+def _pretrained_specs() -> dict[str, _Spec]:
+    from ..models.encoders.pretrained import PRETRAINED
+
+    return {name: _Spec(p.family, p.arch, {}, p) for name, p in PRETRAINED.items()}
+
+
+#: Canonical encoder name → how to build it (sizes can be overridden through ``**encoder_kwargs``). The published
+#: encoders (UNI, UNI2-h, H-optimus-0, Virchow, CONCH's vision trunk, ResNet-50 ImageNet) load their checkpoints.
 _ENCODERS: dict[str, _Spec] = {
     "resnet10": _Spec("resnet", "resnet10"),
     "resnet18": _Spec("resnet", "resnet18"),
     "resnet34": _Spec("resnet", "resnet34"),
+    "resnet50": _Spec("resnet", "resnet50"),
     "vit_tiny": _Spec("vit", "vit_tiny_patch16_224"),
     "vit_small": _Spec("vit", "vit_small_patch16_224"),
     "vit_base": _Spec("vit", "vit_base_patch16_224"),
     "vit_large": _Spec("vit", "vit_large_patch16_224"),
-    # UNI (Chen et al. 2024): timm vit_large_patch16_224 with LayerScale, 224 px, ImageNet mean/std
-    "uni": _Spec("vit", "vit_large_patch16_224", {"init_values": 1e-5}),
+    **_pretrained_specs(),
 }
-#: Other accepted spellings (timm's full names) → canonical name.
+#: Other accepted spellings (timm's full names, the model cards' names) → canonical name.
 _ALIASES = {
     "vit_tiny_patch16_224": "vit_tiny",
     "vit_small_patch16_224": "vit_small",
     "vit_base_patch16_224": "vit_base",
     "vit_large_patch16_224": "vit_large",
+    "uni2-h": "uni2_h",
+    "uni2": "uni2_h",
+    "h-optimus-0": "h_optimus_0",
+    "hoptimus0": "h_optimus_0",
+    "resnet50-imagenet": "resnet50_imagenet",
 }
 # file (resolved path, size, mtime) -> sha256, so a large checkpoint is hashed once per session
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -81,7 +93,15 @@ def list_encoders() -> list[str]:
 
     Returns
     -------
-    Sorted canonical names and aliases (``"resnet18"``, ``"uni"``, ``"vit_large_patch16_224"``, ...).
+    Sorted canonical names and aliases (``"resnet18"``, ``"uni"``, ``"virchow"``, ``"vit_large_patch16_224"``,
+    ...). The published encoders among them are the keys of
+    :data:`stpred.models.encoders.pretrained.PRETRAINED`.
+
+    Examples
+    --------
+    >>> import stpred
+    >>> "uni2_h" in stpred.pp.list_encoders()
+    True
     """
     return sorted([*_ENCODERS, *_ALIASES])
 
@@ -96,6 +116,9 @@ class _Encoder:
     weights_sha256: str
     seed: int | None
     input_size: tuple[int, int] | None
+    #: channel statistics of ``normalize="imagenet"`` (the published ones for a named pretrained encoder)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -152,7 +175,8 @@ def _resolve_weights(weights: Any) -> str | Path | None:
         if importlib.util.find_spec("huggingface_hub") is None:
             msg = (
                 f"weights={weights!r} needs the optional package `huggingface_hub` (and internet access): "
-                "`pip install huggingface_hub`. Or download the file yourself and pass its local path."
+                "`pip install huggingface_hub`. Or download the file on a machine with internet access and pass "
+                "its local path as `weights=`."
             )
             raise ImportError(msg)
         return weights
@@ -166,14 +190,15 @@ def _resolve_weights(weights: Any) -> str | Path | None:
     return path
 
 
-def _hub_download(ref: str) -> Path:
-    """Download ``hf-hub:<owner>/<repo>[/<file>]`` with ``huggingface_hub`` (only ever reached when asked for)."""
-    from huggingface_hub import hf_hub_download
+def _weights_path(name: str, spec: _Spec | None, weights_ref: str | Path | None) -> Path | None:
+    """Local weights file of a named encoder: as given, the published checkpoint (local copy or download), or none."""
+    from ..models.encoders.pretrained import fetch_weights, hub_download
 
-    parts = [p for p in ref.removeprefix(_HUB_PREFIX).split("/") if p]
-    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or _HUB_DEFAULT_FILE
-    logger.info("Fetching %s from the Hugging Face hub repository %s.", filename, repo_id)
-    return Path(hf_hub_download(repo_id=repo_id, filename=filename))
+    if spec is not None and spec.pretrained is not None:
+        return fetch_weights(name, weights=weights_ref)
+    if isinstance(weights_ref, str):
+        return hub_download(weights_ref)
+    return weights_ref
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -226,10 +251,14 @@ def _cache_key(fields: dict[str, Any]) -> str:
 # building
 
 
-def _vit_img_size(kwargs: dict[str, Any]) -> int:
+def _vit_img_size(spec: _Spec, kwargs: dict[str, Any]) -> int:
     from ..models.encoders.vit import VisionTransformer
 
-    return int(kwargs.get("img_size", inspect.signature(VisionTransformer).parameters["img_size"].default))
+    if spec.pretrained is not None and spec.pretrained.img_size is not None:
+        default = spec.pretrained.img_size
+    else:
+        default = inspect.signature(VisionTransformer).parameters["img_size"].default
+    return int(kwargs.get("img_size", default))
 
 
 def _construct(name: str, spec: _Spec, weights: Path | None, kwargs: dict[str, Any]) -> nn.Module:
@@ -277,6 +306,8 @@ def _prepare(
     *,
     normalize: str,
     size: tuple[int, int] | None,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
 ) -> torch.Tensor:
     """``uint8`` crops ``(B, 3, S, S)`` on the device → float32 encoder input (resized, then normalised)."""
     import torch.nn.functional as F
@@ -289,7 +320,7 @@ def _prepare(
     if normalize == "standardize":
         return standardize(x)
     x = x / 255.0
-    return imagenet_normalize(x) if normalize == "imagenet" else x
+    return imagenet_normalize(x, mean=mean, std=std) if normalize == "imagenet" else x
 
 
 def _check_output(y: Any, *, n: int, name: str, shape: tuple[int, ...]) -> None:
@@ -356,7 +387,7 @@ def _run(
             if cuda:
                 x = x.pin_memory()  # asynchronous copy: the host prepares the next batch while the GPU works
             x = x.to(device, non_blocking=cuda)
-            x = _prepare(x, normalize=normalize, size=enc.input_size)
+            x = _prepare(x, normalize=normalize, size=enc.input_size, mean=tuple(enc.mean), std=tuple(enc.std))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
@@ -429,12 +460,16 @@ def embed(
     ----------
     {sdata}
     encoder
-        A name from :func:`stpred.pp.list_encoders`: ``"resnet10"``, ``"resnet18"``, ``"resnet34"``
-        (:mod:`stpred.models.encoders.resnet`, pooled ``8 × width`` features), ``"vit_tiny"``, ``"vit_small"``,
-        ``"vit_base"``, ``"vit_large"`` (also as timm's ``"vit_large_patch16_224"`` etc.; the CLS token), or
-        ``"uni"`` (ViT-L/16 with LayerScale ``init_values=1e-5``, into which the UNI checkpoint loads as it is).
-        Or any :class:`torch.nn.Module` mapping float images ``(B, 3, H, W)`` to ``(B, D)``; it is set to eval
-        mode and moved to ``device`` for the call (both restored afterwards), and its class name names it.
+        A name from :func:`stpred.pp.list_encoders`. Architectures, randomly initialised unless ``weights`` is
+        given: ``"resnet10"``, ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` (:mod:`stpred.models.encoders.resnet`,
+        pooled features), ``"vit_tiny"``, ``"vit_small"``, ``"vit_base"``, ``"vit_large"`` (also as timm's
+        ``"vit_large_patch16_224"`` etc.; the CLS token). Published encoders, which always load their checkpoint
+        (see ``weights``; :data:`stpred.models.encoders.pretrained.PRETRAINED`): ``"uni"`` (ViT-L/16, 1024-d),
+        ``"uni2_h"`` (1536-d), ``"h_optimus_0"`` (1536-d), ``"virchow"`` (CLS token and mean patch token, 2560-d),
+        ``"conch"`` (CONCH's ViT-B/16 vision trunk at 448 px, 768-d CLS token) and ``"resnet50_imagenet"``
+        (torchvision's ImageNet ResNet-50, 2048-d). Or any :class:`torch.nn.Module` mapping float images
+        ``(B, 3, H, W)`` to ``(B, D)``; it is set to eval mode and moved to ``device`` for the call (both restored
+        afterwards), and its class name names it.
     key_added
         Key in ``obsm`` of the table; default ``"X_emb_<name>"`` (e.g. ``"X_emb_resnet18"``), the prefix
         :func:`stpred.tl.fit` looks for.
@@ -444,17 +479,23 @@ def embed(
         Torch device; ``None`` uses CUDA when available, else the CPU.
     weights
         Local state-dict file for a named encoder, in torchvision (ResNet) or timm (ViT) naming, loaded strictly
-        (every key and shape must fit). ``None`` initialises the encoder randomly with ``seed`` (HiFusion's
-        reference trains its ResNets from random initialisation). ``"hf-hub:<owner>/<repo>[/<file>]"`` (default
-        file ``pytorch_model.bin``; e.g. ``"hf-hub:MahmoodLab/UNI"``, gated) downloads the file with the optional
-        package ``huggingface_hub`` when online, then loads it like a local file.
+        (every key and shape must fit; CONCH's full checkpoint is read under its ``visual.trunk.`` prefix).
+        ``"hf-hub:<owner>/<repo>[/<file>]"`` (default file ``pytorch_model.bin``; e.g. ``"hf-hub:MahmoodLab/UNI"``,
+        gated) downloads the file with the optional package ``huggingface_hub`` when online, then loads it like a
+        local file. ``None``: a published encoder uses its local copy ``$STPRED_WEIGHTS_DIR/<name>/<file>``
+        (default directory ``~/.cache/stpred/weights``) when present, else downloads its checkpoint (hub, or
+        torchvision's server for ResNet-50); an architecture is initialised randomly with ``seed`` (HiFusion's
+        reference trains its ResNets from random initialisation). A published encoder whose file does not match
+        its published sha256 (where known) warns.
     size
         Side of the spot crops to use when several patch banks are registered; ``None`` takes the latest.
     table_key
         Table made by :func:`stpred.pp.select_genes` whose rows get embeddings.
     normalize
         ``"imagenet"``: scale to [0, 1], then subtract the ImageNet mean and divide by its standard deviation per
-        channel (what torchvision/timm-pretrained encoders and UNI expect). ``"standardize"``: each image and
+        channel (what torchvision/timm-pretrained encoders and UNI expect); a published encoder trained with other
+        statistics uses its own instead (H-optimus-0's; CONCH's OpenAI CLIP statistics), recorded as
+        ``pixel_mean``/``pixel_std``. ``"standardize"``: each image and
         channel by its own mean and standard deviation (as HiFusion).
         ``"none"``: scale to [0, 1] only.
     seed
@@ -473,9 +514,10 @@ def embed(
     Nothing; writes to the table ``table_key``:
 
     - ``obsm[key_added]``: ``float32`` ``(n_spots, D)`` embeddings in the table's row order;
-    - ``uns["stpred"]["embeddings"][key_added]``: the recipe (``encoder``, ``weights``, ``weights_sha256``,
+    - ``uns["stpred"]["embeddings"][key_added]``: the recipe (``encoder``, ``weights``, ``weights_file`` (the
+      file read), ``weights_sha256`` (its actual sha256), ``expected_sha256`` (the published one, or ``None``),
       ``encoder_kwargs``, ``seed`` for random initialisation, ``size``, ``mpp``, ``sections``, ``normalize``,
-      ``input_size``, ``dim``, ``device``, ``precision``) and its ``cache_key``;
+      ``pixel_mean``, ``pixel_std``, ``input_size``, ``dim``, ``device``, ``precision``) and its ``cache_key``;
     - a provenance entry in ``uns["stpred"]["history"]``.
 
     Raises
@@ -492,7 +534,11 @@ def embed(
         An argument of the wrong type, encoder options the encoder does not take, or a module that does not return
         a tensor.
     ImportError
-        ``weights="hf-hub:..."`` without the optional package ``huggingface_hub``.
+        A hub download (``weights="hf-hub:..."``, or a published encoder without a local copy) without the optional
+        package ``huggingface_hub``; the message names the local-file alternative.
+    OSError
+        The download of a published checkpoint failed (offline, or a gated repository without access); the
+        message says how to get access and where to put a local copy.
 
     Examples
     --------
@@ -538,22 +584,20 @@ def embed(
             "`overwrite=True` to replace it or `key_added=` to store the embedding under another name."
         )
         raise ValueError(msg)
-    if name == "uni" and weights_ref is None:
-        warnings.warn(
-            "encoder='uni' without `weights=` is a randomly initialised ViT-L/16, not UNI; pass the UNI checkpoint "
-            "file (weights='.../pytorch_model.bin') or weights='hf-hub:MahmoodLab/UNI'.",
-            UserWarning,
-            stacklevel=2,
-        )
 
     # ---- identify the encoder's output (cheaply for weight files: no model is built on a cache hit)
     kwargs = {**spec.defaults, **encoder_kwargs} if spec is not None else {}
     geometry = {"size": int(bank.size), "mpp": bank.mpp, "sections": sorted(set(bank.sections.tolist()))}
-    path = _hub_download(weights_ref) if isinstance(weights_ref, str) else weights_ref
+    path = _weights_path(name, spec, weights_ref)  # a published encoder's file is found or downloaded here
+    published = spec.pretrained if spec is not None else None
     module: nn.Module | None = None
     if spec is not None and path is not None:
         sha = _sha256_file(path)  # the model is built only if the cache misses
-        input_size = (_vit_img_size(kwargs),) * 2 if spec.family == "vit" else None
+        if published is not None:
+            from ..models.encoders.pretrained import check_sha256
+
+            check_sha256(name, sha)
+        input_size = (_vit_img_size(spec, kwargs),) * 2 if spec.family == "vit" else None
     else:
         module = _build(name, spec, None, kwargs, seed=int(seed)) if spec is not None else encoder
         sha, input_size = _sha256_state(module), _input_size(module)
@@ -583,6 +627,8 @@ def embed(
     enc = _Encoder(
         module, name, spec.family if spec is not None else "user", sha, int(seed) if random_init else None, input_size
     )
+    if published is not None:
+        enc.mean, enc.std = tuple(published.mean), tuple(published.std)
     restore = None
     if enc.family == "user":
         first = next(iter(enc.module.parameters()), None)
@@ -603,6 +649,10 @@ def embed(
         **fields,
         "cache_key": cache_key,
         "weights": None if weights is None else str(weights),
+        "weights_file": None if path is None else str(path),
+        "expected_sha256": None if published is None else published.expected_sha256,
+        "pixel_mean": list(enc.mean) if normalize == "imagenet" else None,
+        "pixel_std": list(enc.std) if normalize == "imagenet" else None,
         "seed": enc.seed,
         "dim": int(emb.shape[1]),
         "device": str(dev),

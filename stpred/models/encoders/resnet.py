@@ -1,9 +1,10 @@
-"""ResNet with BasicBlocks (ResNet-10/18/34) in plain torch, with torchvision's state-dict names.
+"""ResNet with BasicBlocks (ResNet-10/18/34) or Bottlenecks (ResNet-50) in plain torch, with torchvision's names.
 
-The parameter names (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer2.0.downsample.0``, ``fc``, ...) and the
-initialisation match ``torchvision.models.resnet``, so a torchvision checkpoint loads with
-:func:`~stpred.models.encoders.load_weights` without any renaming. ``width`` scales every stage (64 in
-torchvision) for tiny CPU configurations.
+The parameter names (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer2.0.downsample.0``, ``fc``, ...; a
+:class:`Bottleneck` adds ``conv3``/``bn3``) and the initialisation match ``torchvision.models.resnet`` (ResNet v1.5:
+the stride sits on the 3×3 convolution of a Bottleneck), so a torchvision checkpoint such as the ImageNet
+``resnet50-0676ba61.pth`` loads with :func:`~stpred.models.encoders.load_weights` without any renaming.
+``width`` scales every stage (64 in torchvision) for tiny CPU configurations.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from ._weights import load_weights
 
-__all__ = ["BasicBlock", "ResNet", "resnet10", "resnet18", "resnet34"]
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet10", "resnet18", "resnet34", "resnet50"]
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -57,18 +58,64 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
+class Bottleneck(nn.Module):
+    """1×1 → 3×3 → 1×1 convolutions with a residual connection, output ``4 × planes`` channels (He et al. 2016).
+
+    The stride sits on the 3×3 convolution (``conv2``), as in torchvision ("ResNet v1.5").
+
+    Parameters
+    ----------
+    in_ch
+        Input channels.
+    planes
+        Channels of the inner 3×3 convolution; the block outputs ``4 * planes``.
+    stride
+        Stride of ``conv2``.
+    downsample
+        Module applied to the input on the residual path when the shape changes (1×1 conv + BatchNorm).
+    """
+
+    expansion = 4
+
+    def __init__(self, in_ch: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        out_ch = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_ch, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_ch, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply the block to ``x`` of shape ``(B, in_ch, H, W)``."""
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+_BLOCKS: dict[str, type[nn.Module]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
 class ResNet(nn.Module):
-    """ResNet trunk of :class:`BasicBlock` stages, torchvision-compatible.
+    """ResNet trunk of :class:`BasicBlock` or :class:`Bottleneck` stages, torchvision-compatible.
 
     Stem ``conv1`` (7×7, stride 2) → ``bn1`` → ReLU → ``maxpool`` (3×3, stride 2), then four stages of widths
-    ``width × (1, 2, 4, 8)`` with strides ``(1, 2, 2, 2)``: the feature map is 1/32 of the input side (rounded up).
+    ``width × (1, 2, 4, 8)`` (times 4 for Bottlenecks) with strides ``(1, 2, 2, 2)``: the feature map is 1/32 of the
+    input side (rounded up).
 
     Parameters
     ----------
     layers
-        Number of blocks per stage: ``(2, 2, 2, 2)`` is ResNet-18, ``(1, 1, 1, 1)`` ResNet-10.
+        Number of blocks per stage: ``(2, 2, 2, 2)`` is ResNet-18, ``(1, 1, 1, 1)`` ResNet-10, ``(3, 4, 6, 3)``
+        with ``block="bottleneck"`` ResNet-50.
     width
-        Channels of the first stage (torchvision: 64); the output has ``8 * width`` channels.
+        Channels of the first stage (torchvision: 64); the output has ``8 * width`` channels (``32 * width`` with
+        Bottlenecks).
     num_classes
         Size of the linear head ``fc`` applied to the pooled features; ``0`` (default) registers no ``fc``.
     in_chans
@@ -76,11 +123,13 @@ class ResNet(nn.Module):
     zero_init_residual
         Zero the last BatchNorm of every block so that each block starts as the identity (torchvision option,
         off by default as in torchvision).
+    block
+        ``"basic"`` (:class:`BasicBlock`) or ``"bottleneck"`` (:class:`Bottleneck`).
 
     Attributes
     ----------
     num_features
-        Channels of the output feature map (``8 * width``).
+        Channels of the output feature map (``8 * width * expansion``).
     """
 
     def __init__(
@@ -91,8 +140,13 @@ class ResNet(nn.Module):
         num_classes: int = 0,
         in_chans: int = 3,
         zero_init_residual: bool = False,
+        block: str = "basic",
     ) -> None:
         super().__init__()
+        if block not in _BLOCKS:
+            msg = f"Expected `block` to be one of {sorted(_BLOCKS)}, found {block!r}."
+            raise ValueError(msg)
+        self.block = _BLOCKS[block]
         layers = tuple(int(n) for n in layers)
         if len(layers) != 4 or min(layers) < 1:
             msg = f"Expected `layers` to be 4 positive block counts, e.g. (2, 2, 2, 2), found {layers}."
@@ -105,7 +159,7 @@ class ResNet(nn.Module):
             raise ValueError(msg)
         self.layers = layers
         self.width = width
-        self.num_features = 8 * width
+        self.num_features = 8 * width * self.block.expansion
         self._in_ch = width
         self.conv1 = nn.Conv2d(in_chans, width, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -119,14 +173,15 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else None
         self.reset_parameters(zero_init_residual=zero_init_residual)
 
-    def _make_stage(self, out_ch: int, blocks: int, *, stride: int) -> nn.Sequential:
+    def _make_stage(self, planes: int, blocks: int, *, stride: int) -> nn.Sequential:
+        out_ch = planes * self.block.expansion
         downsample = None
         if stride != 1 or self._in_ch != out_ch:
             downsample = nn.Sequential(
                 nn.Conv2d(self._in_ch, out_ch, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
             )
-        stage = [BasicBlock(self._in_ch, out_ch, stride, downsample)]
-        stage += [BasicBlock(out_ch, out_ch) for _ in range(1, blocks)]
+        stage = [self.block(self._in_ch, planes, stride, downsample)]
+        stage += [self.block(out_ch, planes) for _ in range(1, blocks)]
         self._in_ch = out_ch
         return nn.Sequential(*stage)
 
@@ -136,7 +191,7 @@ class ResNet(nn.Module):
         Parameters
         ----------
         zero_init_residual
-            Also zero the second BatchNorm weight of every block.
+            Also zero the last BatchNorm weight of every block (``bn2``, or ``bn3`` of a Bottleneck).
         """
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -151,6 +206,8 @@ class ResNet(nn.Module):
             for m in self.modules():
                 if isinstance(m, BasicBlock):
                     nn.init.zeros_(m.bn2.weight)
+                elif isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Feature map of ``x``.
@@ -176,7 +233,7 @@ class ResNet(nn.Module):
         return x if self.fc is None else self.fc(x)
 
 
-def _build(layers: Sequence[int], weights: str | os.PathLike | None, **kwargs: int | bool) -> ResNet:
+def _build(layers: Sequence[int], weights: str | os.PathLike | None, **kwargs: int | bool | str) -> ResNet:
     model = ResNet(layers, **kwargs)  # type: ignore[arg-type]
     if weights is not None:
         load_weights(model, weights)
@@ -221,3 +278,18 @@ def resnet34(*, weights: str | os.PathLike | None = None, **kwargs: int | bool) 
         Passed to :class:`ResNet`.
     """
     return _build((3, 4, 6, 3), weights, **kwargs)
+
+
+def resnet50(*, weights: str | os.PathLike | None = None, **kwargs: int | bool) -> ResNet:
+    """ResNet-50 (Bottleneck × ``(3, 4, 6, 3)``; 25.56 M parameters with the 1000-class ``fc`` at ``width=64``).
+
+    Parameters
+    ----------
+    weights
+        Optional local state dict in torchvision naming, loaded strictly (e.g. torchvision's ImageNet
+        ``resnet50-0676ba61.pth``; its ``fc`` is dropped when ``num_classes=0``).
+    **kwargs
+        Passed to :class:`ResNet` (``width``, ``num_classes``, ``in_chans``, ``zero_init_residual``); the output has
+        ``32 * width`` channels (2048 at ``width=64``).
+    """
+    return _build((3, 4, 6, 3), weights, block="bottleneck", **kwargs)
