@@ -160,6 +160,20 @@ def _element_names(sdata: SpatialData) -> dict[str, str]:
     return out
 
 
+def _tile_outputs(sdata: SpatialData) -> set[str]:
+    """Names of the elements written by earlier calls of :func:`tile` (tables, their tiles and masks)."""
+    out = set()
+    for name, table in sdata.tables.items():
+        meta = table.uns.get(UNS_KEY, {}).get("tiles")
+        if not isinstance(meta, Mapping):
+            continue
+        out.add(name)
+        out.update(str(r) for r in np.atleast_1d(table.uns.get("spatialdata_attrs", {}).get("region", [])))
+        if meta.get("mask_key"):
+            out.add(str(meta["mask_key"]))
+    return out
+
+
 def _resolve_image(sdata: SpatialData, image_key: str | None) -> str:
     images = list(sdata.images)
     if image_key is None:
@@ -361,9 +375,12 @@ def detect_tissue_mask(
     sat = saturation(rgb)
     sigma = smooth_um / level_mpp
     smooth = np.rint(gaussian_filter(sat.astype(np.float32), sigma)).astype(np.uint8) if sigma >= 0.5 else sat
-    small = SpatialData(images={"image": Image2DModel.parse(smooth[None], dims=("c", "y", "x"))})
+    # squidpy takes the darker side of the Otsu threshold as tissue when no corner is declared background; the
+    # inverted saturation makes glass bright, whatever the corners hold (tissue may touch them)
+    inverted = (255 - smooth)[None]
+    small = SpatialData(images={"image": Image2DModel.parse(inverted, dims=("c", "y", "x"))})
     with _quiet_squidpy():
-        labels = detect_tissue(small, "image", scale="auto", method="otsu", channel_format="infer", inplace=False)
+        labels = detect_tissue(small, "image", scale="auto", method="otsu", corners_are_background=False, inplace=False)
     labels = np.asarray(labels, dtype=np.int32)
     tissue = labels > 0
     contrast = 0.0
@@ -493,7 +510,7 @@ def tile(
     ``min_tissue_fraction`` tissue are kept.
 
     Tissue is detected with squidpy's :func:`~squidpy.experimental.im.detect_tissue` (Otsu thresholding, oriented by
-    the background corners, small holes filled, specimen-sized pieces kept), applied to the HSV saturation (stain is
+    the brighter side as glass, small holes filled, specimen-sized pieces kept), applied to the inverted HSV saturation (stain is
     coloured, glass is not; the grey level confuses pale stroma with glass), smoothed with a 10 µm Gaussian (so the
     threshold separates tissue from glass, not nuclei from stroma), of one low-resolution pyramid level: the
     coarsest level on which a tile spans at least 8 pixels, block-averaged lazily when it still has many more. The full-resolution image is never decoded, and the mask is kept at that level.
@@ -536,7 +553,8 @@ def tile(
         Name of the new labels element holding the tissue mask (``tissue=True`` only); defaults to
         ``"{key_added}_mask"``.
     overwrite
-        Replace existing elements of these names. By default an existing element is never replaced.
+        Replace the elements of these names made by an earlier call. By default an existing element is never
+        replaced, and an element not made by :func:`tile` never is.
     copy
         Return a new SpatialData object holding the elements of ``sdata`` (shared, not copied) plus the new ones,
         leaving ``sdata`` unchanged. By default ``sdata`` is modified and nothing is returned.
@@ -626,10 +644,18 @@ def tile(
     if image_key in new:
         msg = f"{image_key!r} is the image being tiled; choose other names for the outputs."
         raise ValueError(msg)
+    ours = _tile_outputs(sdata)
     for name, kind in new.items():
-        if name in existing and (not overwrite or existing[name] != kind):
-            hint = "pass `overwrite=True` to replace it" if existing[name] == kind else "choose another name"
-            msg = f"`sdata.{existing[name]}` already has an element {name!r}; {hint}."
+        if name not in existing:
+            continue
+        if existing[name] != kind or name not in ours:
+            msg = (
+                f"`sdata.{existing[name]}` already has an element {name!r}, not made by `stpred.pp.tile`; choose "
+                "another name (`key_added=`, `table_key=`, `mask_key=`)."
+            )
+            raise ValueError(msg)
+        if not overwrite:
+            msg = f"`sdata.{existing[name]}` already has an element {name!r}; pass `overwrite=True` to replace it."
             raise ValueError(msg)
     mpp, mpp_source = _resolve_mpp(sdata, section, image_key, mpp)
 
