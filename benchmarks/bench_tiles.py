@@ -6,9 +6,15 @@ synthetic image) and reports tiles/s (tiles kept on tissue per second) and grid 
 examined per second), and the peak of Python-traced memory during a second, untimed call (``tracemalloc``: numpy
 and dask buffers included).
 
-Scaling: section C2 is also tiled as a lazy dask pyramid built from the same pixels at 1× and upsampled 2× along
-each axis (4× the pixels, half the µm per pixel, ``dask.array.repeat``: never materialised). Peak traced memory
-should not grow with the image size, because detection reads one coarse level only.
+Scaling: section C2 is also tiled upsampled 2× and 4× along each axis (4× and 16× the pixels, µm per pixel halved
+and quartered; pixels repeated block by block, lazily, never materialised):
+
+* stored pyramid: the coarser levels exist (as in an OME-Zarr pyramid or the stpred readers), the full-resolution
+  level is lazy. Detection reads one coarse level of the same size whatever the factor, so peak memory should stay
+  flat;
+* derived pyramid (1× and 2×): every level is computed by dask from the full-resolution level, as
+  ``Image2DModel.parse(dask_array, scale_factors=...)`` builds it; reading the coarse level then streams the whole
+  image through dask, whose in-flight chunks set the peak.
 
 Usage::
 
@@ -73,19 +79,69 @@ def _measure(sdata: Any, **kwargs: Any) -> dict[str, Any]:
     }
 
 
-def _lazy_image(rgb: Any, factor: int, section: str) -> Any:
-    """A lazy multiscale image of ``rgb`` (``(c, y, x)``) upsampled ``factor`` times by pixel repetition."""
+def _repeat(arr: Any, factor: int) -> Any:
+    """``arr`` (dask, ``(c, y, x)``) upsampled ``factor`` times by pixel repetition, block by block (lazy)."""
+    return arr.map_blocks(
+        lambda b: b.repeat(factor, axis=1).repeat(factor, axis=2),
+        chunks=(arr.chunks[0], tuple(c * factor for c in arr.chunks[1]), tuple(c * factor for c in arr.chunks[2])),
+        dtype=arr.dtype,
+    )
+
+
+def _derived_pyramid(rgb: np.ndarray, factor: int, section: str) -> Any:
+    """A lazy image of ``rgb`` upsampled ``factor`` times whose coarser levels dask derives from full resolution.
+
+    What :class:`~spatialdata.models.Image2DModel` builds from a dask array with ``scale_factors``. The
+    full-resolution level has 1024 × 1024 chunks for every factor (each made from one input block).
+    """
     import dask.array as da
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Identity
 
-    arr = da.from_array(rgb, chunks=(3, 1024, 1024))
+    side = 1024 // factor
+    arr = da.from_array(rgb, chunks=(3, side, side))
     if factor > 1:
-        arr = da.repeat(da.repeat(arr, factor, axis=1), factor, axis=2).rechunk((3, 1024, 1024))
+        arr = _repeat(arr, factor)
     n_levels = int(np.floor(np.log2(min(arr.shape[1:]) / 256)))
     return Image2DModel.parse(
         arr, dims=("c", "y", "x"), scale_factors=[2] * n_levels, transformations={section: Identity()}
     )
+
+
+def _stored_pyramid(tree: Any, factor: int, section: str) -> Any:
+    """The reader's pyramid ``tree`` upsampled ``factor`` (a power of 2) times: a lazy full-resolution level.
+
+    Level ``k`` of the upsampled image equals level ``k - log2(factor)`` of the original (2 × 2 means undo the
+    repetition), so those are reused as stored levels, as in an OME-Zarr pyramid; the full-resolution level and
+    the levels in between are lazy repetitions that are never computed unless read.
+    """
+    import dask.array as da
+    from spatialdata import get_pyramid_levels
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity
+
+    if factor == 1:
+        return tree
+    levels = [lv.data for lv in get_pyramid_levels(tree)]
+    shift = int(np.log2(factor))
+    top = [
+        _repeat(da.asarray(levels[0]).rechunk((3, 1024 // f, 1024 // f)), f)
+        for f in (factor >> i for i in range(shift))
+    ]
+    out = Image2DModel.parse(
+        top[0],
+        dims=("c", "y", "x"),
+        scale_factors=[2] * (len(levels) + shift - 1),
+        transformations={section: Identity()},
+    )
+    stored = top + levels
+    for key, data in zip(list(out), stored, strict=True):
+        node = out[key]["image"]
+        if node.shape != data.shape:
+            msg = f"level {key}: {node.shape} != {data.shape}"
+            raise RuntimeError(msg)
+        out[key]["image"].data = data if isinstance(data, da.Array) else da.from_array(data)
+    return out
 
 
 def main() -> None:
@@ -122,20 +178,30 @@ def main() -> None:
             c2 = sdata
         gc.collect()
 
-    # ---------------------------------------------------------------- peak memory versus image size (lazy pyramid)
-    rgb = np.asarray(c2.images["C2_hne"]["scale0"]["image"].values)
+    # ---------------------------------------------------------------- peak memory versus image size
+    tree = c2.images["C2_hne"]
     mpp = float(c2.tables["table"].uns["stpred"]["mpp"]["C2"])
-    del c2
-    gc.collect()
-    scaling = {}
-    for factor in (1, 2):
-        lazy = SpatialData(images={"C2_hne": _lazy_image(rgb, factor, "C2")})
-        full = lazy.images["C2_hne"]["scale0"]["image"]
-        res = _measure(lazy, size_um=100.0, mpp=mpp / factor)
+    stored = {}
+    for factor in (1, 2, 4):
+        image = _stored_pyramid(tree, factor, "C2")
+        full = image["scale0"]["image"]
+        res = _measure(SpatialData(images={"C2_hne": image}), size_um=100.0, mpp=mpp / factor)
         res["image_px"] = [int(full.sizes["y"]), int(full.sizes["x"])]
         res["full_resolution_mib"] = round(full.nbytes / 2**20, 1)
-        scaling[f"{factor}x"] = res
-        print(f"{factor}x", json.dumps(res), flush=True)
+        stored[f"{factor}x"] = res
+        print("stored", f"{factor}x", json.dumps(res), flush=True)
+    rgb = np.asarray(tree["scale0"]["image"].values)
+    del c2, tree
+    gc.collect()
+    derived = {}
+    for factor in (1, 2):
+        image = _derived_pyramid(rgb, factor, "C2")
+        full = image["scale0"]["image"]
+        res = _measure(SpatialData(images={"C2_hne": image}), size_um=100.0, mpp=mpp / factor)
+        res["image_px"] = [int(full.sizes["y"]), int(full.sizes["x"])]
+        res["full_resolution_mib"] = round(full.nbytes / 2**20, 1)
+        derived[f"{factor}x"] = res
+        print("derived", f"{factor}x", json.dumps(res), flush=True)
 
     def mean(key: str, field: str) -> float:
         return round(float(np.mean([sections[s][key][field] for s in SECTIONS])), 1)
@@ -157,7 +223,8 @@ def main() -> None:
             }
             for name in CONFIGS
         },
-        "scaling_C2_lazy_100um": scaling,
+        "scaling_C2_100um_stored_pyramid": stored,
+        "scaling_C2_100um_derived_pyramid": derived,
         "process_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "notes": (
             "Timings exclude reading the JPEG (read_seconds, the reader decodes the whole image). "

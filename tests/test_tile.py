@@ -82,6 +82,18 @@ def test_tissue_fraction_square_and_disc() -> None:
     np.testing.assert_allclose(disc, [0.5, 1.0, 0.0])
 
 
+def test_tissue_fraction_batches_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stpred.pp import _tile
+
+    rng = np.random.default_rng(0)
+    mask = (rng.random((60, 80)) > 0.5).astype(np.int32)
+    xy = rng.uniform(-20, 340, size=(5000, 2))  # some tiles partly outside the mask
+    batched = tissue_fraction(mask, xy, size_px=12.0, layout="hex", scale=(4.0, 4.0))
+    monkeypatch.setattr(_tile, "_BATCH", 10**6)
+    np.testing.assert_array_equal(batched, tissue_fraction(mask, xy, size_px=12.0, layout="hex", scale=(4.0, 4.0)))
+    assert 0 < batched.mean() < 0.5  # half tissue inside, none outside
+
+
 # ------------------------------------------------------------------------------------------------- synthetic
 def test_tile_synthetic_square(sdata1: SpatialData) -> None:
     from spatialdata.models import TableModel, get_table_keys
@@ -197,6 +209,31 @@ def test_tile_um_through_scale_transform() -> None:
     )
     corners = m @ np.array([[0.0, 0.0, 1.0], [mask.sizes["x"], mask.sizes["y"], 1.0]]).T
     np.testing.assert_allclose(corners[:2].T, [[1000.0, 0.0], [1500.0, 400.0]])
+
+
+def test_tile_single_scale_image_is_coarsened() -> None:
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Identity
+
+    rgb = np.full((3, 770, 1010), 245, dtype=np.uint8)
+    rgb[:, 200:600, 250:750] = np.array([200, 90, 170], dtype=np.uint8)[:, None, None]
+    image = Image2DModel.parse(rgb, dims=("c", "y", "x"), transformations={"B": Identity()}, chunks=256)
+    sdata = SpatialData(images={"B_hne": image})
+    stpred.pp.tile(sdata, size_um=50, mpp=1.0, min_tissue_fraction=1.0)
+    meta = sdata.tables["B_tiles_table"].uns["stpred"]["tiles"]
+    # 50 px per tile at full resolution: block means of 6 × 6 pixels (8 px per tile), ragged edges trimmed
+    assert meta["level"] == 0
+    assert meta["coarsen"] == 6
+    assert meta["level_shape"] == [128, 168]
+    assert meta["mask_scale"] == [6.0, 6.0]
+    xy = sdata.tables["B_tiles_table"].obsm["spatial"]
+    # every kept tile lies on the block (to one mask pixel), and the block is filled: (400/50 × 500/50) tiles
+    assert (xy[:, 0] - 25 >= 250 - 6).all()
+    assert (xy[:, 0] + 25 <= 750 + 6).all()
+    assert (xy[:, 1] - 25 >= 200 - 6).all()
+    assert (xy[:, 1] + 25 <= 600 + 6).all()
+    assert len(xy) >= 7 * 9
 
 
 def test_tile_copy_overwrite_and_write(sdata1: SpatialData, tmp_path: Path) -> None:

@@ -75,7 +75,10 @@ def tissue_data(sdata: SpatialData, key: str | None = None) -> dict[str, Any]:
     if mask_key is not None and mask_key in sdata.labels:
         labels = sdata.labels[mask_key]
         mask = np.asarray(labels.data)
-        mask_scale = (h0 / mask.shape[0], w0 / mask.shape[1])
+        scale = meta.get("mask_scale")
+        mask_scale = (
+            (float(scale[0]), float(scale[1])) if scale is not None else (h0 / mask.shape[0], w0 / mask.shape[1])
+        )
     section = str(table.obs["section"].iloc[0]) if table.n_obs else ""
     return {
         "key": key,

@@ -51,6 +51,8 @@ SAMPLES = 10
 #: The saturation is smoothed with a Gaussian of this many microns (sigma) before thresholding, so that Otsu
 #: separates tissue from glass rather than nuclei from the rest of the tissue.
 SMOOTH_UM = 10.0
+#: Tiles whose footprints are sampled at once (bounds the memory of :func:`tissue_fraction`).
+_BATCH = 2048
 #: Technology recorded for tiles in ``uns["stpred"]["technology"]``.
 TILES_TECHNOLOGY = "tiles"
 
@@ -135,16 +137,20 @@ def tissue_fraction(
     -------
     ``(n,)`` fractions in [0, 1]; points outside the mask count as background.
     """
-    if len(xy_px) == 0:
-        return np.zeros(0)
     h, w = mask.shape
-    pts = xy_px[:, None, :] + footprint_offsets(size_px, layout)[None, :, :]
-    col = np.floor(pts[..., 0] / scale[1]).astype(np.int64)
-    row = np.floor(pts[..., 1] / scale[0]).astype(np.int64)
-    inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
-    hit = np.zeros(col.shape, dtype=bool)
-    hit[inside] = mask[row[inside], col[inside]] > 0
-    return hit.mean(axis=1)
+    tissue = mask > 0
+    offsets = footprint_offsets(size_px, layout)
+    out = np.zeros(len(xy_px))
+    # in batches, so that memory stays bounded however many candidate tiles the image holds
+    for start in range(0, len(xy_px), _BATCH):
+        pts = xy_px[start : start + _BATCH, None, :] + offsets[None, :, :]
+        col = np.floor(pts[..., 0] / scale[1]).astype(np.int64)
+        row = np.floor(pts[..., 1] / scale[0]).astype(np.int64)
+        inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+        hit = np.zeros(col.shape, dtype=bool)
+        hit[inside] = tissue[row[inside], col[inside]]
+        out[start : start + _BATCH] = hit.mean(axis=1)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -267,8 +273,8 @@ def _levels(image: Any) -> list[DataArray]:
 def _choose_level(image: Any, *, size_px: float, level: int | None, image_key: str) -> _Level:
     """The coarsest level with at least :data:`TARGET_TILE_PX` pixels per tile side (or the one asked for).
 
-    A single-scale image whose full resolution has many more pixels per tile than needed is block-averaged lazily
-    (``xarray`` ``coarsen`` on its dask array), so it is never loaded whole either.
+    When that level still has many more pixels per tile than needed (a single-scale image, or a pyramid that stops
+    early), it is block-averaged lazily (``xarray`` ``coarsen`` on its dask array), so it is never loaded whole.
     """
     levels = _levels(image)
     h0, w0 = int(levels[0].sizes["y"]), int(levels[0].sizes["x"])
@@ -302,8 +308,10 @@ def _choose_level(image: Any, *, size_px: float, level: int | None, image_key: s
         factor = int(side // TARGET_TILE_PX)
         factor = min(factor, int(data.sizes["y"]), int(data.sizes["x"]))
         if factor > 1:
+            # a block of the coarsened level covers exactly ``factor`` pixels of the level (the ragged edge is
+            # trimmed), so its size in full-resolution pixels is ``factor`` times the level's
             data = data.coarsen(y=factor, x=factor, boundary="trim").mean()
-            sy, sx = h0 / int(data.sizes["y"]), w0 / int(data.sizes["x"])
+            sy, sx = sy * factor, sx * factor
     return _Level(index=index, coarsen=factor, data=data, scale=(sy, sx))
 
 
@@ -324,9 +332,8 @@ def _quiet_squidpy() -> Iterator[None]:
 
 def _rgb(level: _Level) -> np.ndarray:
     """The detection level as ``(c, y, x)`` uint8 (computed from the lazy pyramid)."""
-    arr = np.asarray(level.data.data if hasattr(level.data.data, "compute") else level.data.values)
-    if hasattr(arr, "compute"):  # pragma: no cover - np.asarray computes dask arrays
-        arr = arr.compute()
+    arr = level.data.data
+    arr = np.asarray(arr.compute() if hasattr(arr, "compute") else arr)
     if arr.dtype != np.uint8:
         arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8) if arr.max() > 1.0 else (arr * 255).astype(np.uint8)
     if arr.shape[0] == 1:
@@ -709,6 +716,7 @@ def tile(
                 "level": chosen.index,
                 "coarsen": chosen.coarsen,
                 "level_shape": list(labels.shape),
+                "mask_scale": [float(chosen.scale[0]), float(chosen.scale[1])],
                 "level_mpp": [mpp * chosen.scale[0], mpp * chosen.scale[1]],
                 "detection": {
                     "function": "squidpy.experimental.im.detect_tissue",
