@@ -396,7 +396,7 @@ class HiFusion(StpredModel):
         return {"pred": pred, "level_preds": level_preds, "level_features": tuple(maps), "fusion_weights": weights}
 
     def loss(self, out: Mapping[str, Any], batch: Mapping[str, Tensor]) -> LossOutput:
-        """HiFusion's training loss (§2), computed in float32.
+        """HiFusion's training loss (Weng et al., 2026, as in the authors' released code), computed in float32.
 
         Parameters
         ----------

@@ -634,7 +634,7 @@ class HiST(StpredModel):
 
     @torch.no_grad()
     def init_head_bias(self, mean: Tensor) -> None:
-        """Set the head bias to the mean training target per gene (reference §6: mean log1p expression).
+        """Set the head bias to the mean training target per gene (as the authors' released code does: the mean log1p expression).
 
         Parameters
         ----------

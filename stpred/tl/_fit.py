@@ -295,7 +295,7 @@ def _plan_overrides(
 
 
 def _check_val(val: Any) -> tuple[Sequence[str] | Literal[False] | None, float]:
-    """``val`` as ``(val, val_fraction)`` for :func:`~stpred.tl._splits.validation_split`."""
+    """``val`` as ``(val, val_fraction)`` for the validation split."""
     if isinstance(val, numbers.Real) and not isinstance(val, bool):
         if not 0 < float(val) < 1:
             msg = f"Expected a validation fraction `val` in (0, 1), found {val!r}."
