@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -38,11 +36,8 @@ def test_synthetic_contract_and_sizes(sdata, assert_contract):
     assert totals.std() / totals.mean() > 0.2
 
 
-def test_synthetic_defaults_and_runtime():
-    start = time.perf_counter()
+def test_synthetic_defaults():
     sdata = stpred.datasets.synthetic()
-    elapsed = time.perf_counter() - start
-    assert elapsed < 15.0  # ~1.5 s on an idle core; generous for shared CI machines
     table = sdata.tables["table"]
     assert table.shape[1] == 50
     scale0 = sdata.images["S0_hne"]["scale0"]["image"]

@@ -13,15 +13,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_import_is_fast_and_lazy():
+def test_import_is_lazy():
     code = (
-        "import sys, time; t = time.perf_counter(); import stpred; dt = time.perf_counter() - t; "
+        "import sys; import stpred; "
         "heavy = [m for m in ('torch', 'lightning', 'squidpy', 'spatialdata', 'spatialdata_plot', 'scanpy') "
-        "if m in sys.modules]; print(dt); print(','.join(heavy))"
+        "if m in sys.modules]; print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert float(out[0]) < 2.0
-    assert out[1] == ""
+    assert out[0] == ""
 
 
 def test_namespaces_do_not_import_lightning_or_squidpy():
