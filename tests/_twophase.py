@@ -2,7 +2,8 @@
 
 Phase 1 trains a small conv net with dropout and noise augmentation; phase 2 freezes it and trains a second head
 on a per-slide random projection that ``prepare_slides`` draws from the global RNG and caches in the store (as
-MMAP caches phase-1 features), so that a resumed phase 2 only matches when the RNG state is restored too.
+MMAP caches phase-1 features), so that a resumed phase 2 only matches when the RNG state is restored too. The
+projection is a buffer, so prediction (and a saved predictor) reuses it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class TwoPhase(StpredModel):
         self.head1 = nn.Linear(4, n_genes)
         self.head2 = nn.Linear(4, n_genes)
         self.register_buffer("current_phase", torch.tensor(1))
+        self.register_buffer("projection", torch.zeros(4, 4))
 
     def set_phase(self, phase: int) -> None:
         self.current_phase.fill_(phase)
@@ -52,9 +54,10 @@ class TwoPhase(StpredModel):
         if int(self.current_phase) != 2:
             return
         with torch.no_grad():
+            if "target" in store.tensors:  # training: draw the projection from the global RNG, on purpose
+                self.projection.copy_(torch.randn(4, 4))
             feats = self.body(store.tensors["spot"].float() / 255.0)
-            projection = torch.randn(4, 4)  # drawn from the global RNG on purpose
-            store.tensors["projected"] = feats @ projection
+            store.tensors["projected"] = feats @ self.projection
 
     def augment(self, batch, progress):
         if int(self.current_phase) == 1:

@@ -234,7 +234,7 @@ def fit_unregistered(
     trainer_kwargs = dict(trainer_kwargs or {})
     root = trainer_kwargs.pop("default_root_dir", None)
     trainer_kwargs = check_trainer_kwargs(trainer_kwargs)
-    root, resume_dir = _check_resume(resume, root)
+    root, resume_dir = _check_resume(resume, root, name)
     val, val_fraction = _check_val(val)
     train_sections = check_sections(train, section_names(table))
     normalize = dict(stpred_uns(table).get("normalize", {}))
@@ -315,9 +315,9 @@ def fit_unregistered(
     return predictor
 
 
-def _check_resume(resume: Any, root: Any) -> tuple[Path | None, Path | None]:
+def _check_resume(resume: Any, root: Any, name: str) -> tuple[Path | None, Path | None]:
     """``(checkpoint folder, run folder to resume)`` from ``resume`` and ``default_root_dir``, checked up front."""
-    from ..train._state import STATE_FILE
+    from ..train._state import STATE_FILE, check_has_runs
 
     if root is not None and not isinstance(root, (str, os.PathLike)):
         msg = f"Expected `trainer_kwargs['default_root_dir']` to be a folder path, found {type(root).__name__}."
@@ -332,6 +332,7 @@ def _check_resume(resume: Any, root: Any) -> tuple[Path | None, Path | None]:
                 "`trainer_kwargs={'default_root_dir': folder}` as in that fit, or `resume=<run folder>`."
             )
             raise ValueError(msg)
+        check_has_runs(root, name)
         return root, None
     if not isinstance(resume, (str, os.PathLike)):
         msg = f"Expected `resume` to be False, True or a folder path, found {type(resume).__name__}."
@@ -348,6 +349,8 @@ def _check_resume(resume: Any, root: Any) -> tuple[Path | None, Path | None]:
             "of the two (the run is continued in its own folder)."
         )
         raise ValueError(msg)
+    if run is None:
+        check_has_runs(search, name)
     return search, run
 
 

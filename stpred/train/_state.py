@@ -190,9 +190,36 @@ def mismatches(state: Mapping[str, Any], expected: Mapping[str, Any]) -> list[st
     saved_data, now_data = dict(state.get("data", {})), dict(expected["data"])
     for key in sorted(set(saved_data) | set(now_data)):
         if saved_data.get(key) != now_data.get(key):
-            what = {"rows": "training/validation spots", "genes": "gene panel"}.get(key, key)
-            out.append(f"the {what} differ")
+            known = {"rows": "the training/validation spots differ", "genes": "the gene panel differs"}
+            out.append(known.get(key, f"the data differ ({key.removeprefix('store:')!r} inputs)"))
     return out
+
+
+def runs_of(root: str | os.PathLike, model: str) -> list[tuple[Path, dict[str, Any]]]:
+    """The readable run folders of ``model`` directly under ``root``, most recent first."""
+    root = Path(root)
+    found = []
+    for child in root.iterdir() if root.is_dir() else ():
+        path = child / STATE_FILE
+        if path.is_file():
+            try:
+                state = read_state(child)
+            except (OSError, ValueError):
+                continue
+            if state.get("config", {}).get("model") == model:
+                found.append((str(state.get("created", "")), path.stat().st_mtime, child, state))
+    found.sort(key=lambda c: (c[0], c[1]), reverse=True)
+    return [(child, state) for _, _, child, state in found]
+
+
+def check_has_runs(root: str | os.PathLike, model: str) -> None:
+    """Refuse, before any work, a checkpoint folder without a run of ``model`` to resume."""
+    if not runs_of(root, model):
+        msg = (
+            f"No {model!r} run to resume under {str(root)!r}. Pass the folder of an interrupted fit as "
+            "`resume=`, or drop `resume` to start a new run."
+        )
+        raise FileNotFoundError(msg)
 
 
 def find_run(root: str | os.PathLike, expected: Mapping[str, Any]) -> Path:
@@ -205,27 +232,11 @@ def find_run(root: str | os.PathLike, expected: Mapping[str, Any]) -> Path:
     ValueError
         No run matches; the message names what differs for the most recent ones.
     """
-    root = Path(root)
     model = expected["config"]["model"]
-    candidates = []
-    for child in root.iterdir() if root.is_dir() else ():
-        path = child / STATE_FILE
-        if path.is_file():
-            try:
-                state = read_state(child)
-            except (OSError, ValueError):
-                continue
-            if state.get("config", {}).get("model") == model:
-                candidates.append((str(state.get("created", "")), path.stat().st_mtime, child, state))
-    if not candidates:
-        msg = (
-            f"No {model!r} run to resume under {str(root)!r}. Pass the folder of an interrupted fit as "
-            "`resume=`, or drop `resume` to start a new run."
-        )
-        raise FileNotFoundError(msg)
-    candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)
+    check_has_runs(root, model)
+    candidates = runs_of(root, model)
     reasons = []
-    for _, _, child, state in candidates:
+    for child, state in candidates:
         diff = mismatches(state, expected)
         if not diff:
             return child
