@@ -44,6 +44,11 @@ def fit(model: str, root: str, out: str, *, kill: list[int] | None = None, resum
     if model == "hifusion":
         options = {**TINY_CONFIG, "spot_size": 32, "context_size": 64, "width": 4}
         stpred.pp.extract_patches(sdata, size=32, context_size=64, progress=False)
+    elif model == "mmap":
+        vit = {"img_size": 32, "patch_size": 8, "embed_dim": 16, "depth": 2, "num_heads": 2}
+        options = {"backbone": "vit", "backbone_kwargs": vit, "lora_blocks": 2, "lora_rank": 2, "attn_heads": 2,
+                   "attn_dim_head": 8, "proto_k_min": 2, "proto_k_max": 8}
+        stpred.pp.extract_patches(sdata, size=32, context_size=None, progress=False)
     else:
         register_two_phase()
         options = {}

@@ -171,7 +171,7 @@ class TrainRunner:
             "format": 1,
             "status": "running",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **self.fingerprint(),
+            **(self.fingerprint() if self.resumable else {}),
             "completed": {},
         }
         if self.resumable:
