@@ -211,6 +211,7 @@ class TrainRunner:
                 model.eval()
                 set_rng_state(final["rng"])
                 histories.append(pd.DataFrame(final["history"]))
+                (folder / LAST).unlink(missing_ok=True)  # left behind by a kill right after the phase ended
                 best[phase] = {"epoch": int(done["best_epoch"]), "checkpoint": _absolute(folder, done["best_checkpoint"])}
                 continue
             model.set_phase(phase)
