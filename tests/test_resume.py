@@ -22,7 +22,6 @@ import pytest
 import torch
 
 import stpred
-from stpred.tl._predictor import _FITTED
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -151,6 +150,8 @@ def test_temporary_checkpoint_folders_are_removed(prepared, tmp_path, monkeypatc
 
 
 def test_two_fits_never_share_a_run_folder(prepared, tmp_path):
+    import spatialdata as sd
+
     root = tmp_path / "runs"
     first, second = _copy(prepared), _copy(prepared)
     a = stpred.tl.fit(first, NAME, seed=1, trainer_kwargs={"default_root_dir": root}, **FIT)
@@ -162,15 +163,18 @@ def test_two_fits_never_share_a_run_folder(prepared, tmp_path):
     assert Path(a.info["run_dir"]).name.startswith(f"{NAME}-")
     wa, wb = _weights(a), _weights(b)
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)
-    # a restarted session (nothing in memory) reloads each object's own predictor from its provenance
+    # each object's provenance points at its own saved predictor, whose weights are that fit's
     for sdata, predictor, weights in ((first, a, wa), (second, b, wb)):
-        _FITTED.pop(sdata, None)
-        table = sdata.tables["stpred"]
-        assert table.uns["stpred"]["models"][NAME]["checkpoint"] == predictor.info["checkpoint"]
-        stpred.tl.predict(sdata, NAME, key_added="reloaded", progress=False)
-        np.testing.assert_array_equal(table.layers["reloaded"], predictor.predict(sdata, progress=False))
-        loaded = stpred.tl.load(table.uns["stpred"]["models"][NAME]["checkpoint"])
+        saved = sdata.tables["stpred"].uns["stpred"]["models"][NAME]["checkpoint"]
+        assert saved == predictor.info["checkpoint"]
+        loaded = stpred.tl.load(saved)
         assert all(torch.equal(loaded.model.state_dict()[k], weights[k]) for k in weights)
+    # written and read back (a new session: nothing in memory), the first object predicts with the first model
+    first.write(tmp_path / "first.zarr")
+    back = sd.read_zarr(tmp_path / "first.zarr")
+    stpred.pp.extract_patches(back, size=16, context_size=None, progress=False)
+    stpred.tl.predict(back, NAME, key_added="reloaded", progress=False)
+    np.testing.assert_array_equal(back.tables["stpred"].layers["reloaded"], a.predict(first, progress=False))
 
 
 def test_resume_of_a_finished_run_restores_it_without_training(prepared, tmp_path):
