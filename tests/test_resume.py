@@ -177,6 +177,34 @@ def test_two_fits_never_share_a_run_folder(prepared, tmp_path):
     np.testing.assert_array_equal(back.tables["stpred"].layers["reloaded"], a.predict(first, progress=False))
 
 
+class _FailAfterPhaseOne(L.Callback):
+    """Fail once training of phase 1 has ended (its last.ckpt written, the phase not yet recorded as done)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if int(pl_module.model.current_phase) == 1:
+            msg = "interrupted"
+            raise RuntimeError(msg)
+
+
+def test_resume_after_early_stopping_in_process(prepared, tmp_path):
+    # early stopping fires in phase 1 (epoch 3 of 8, lr 0.3); the fit then fails before phase 1 is recorded as
+    # done. The resumed phase must stop at once (restored stop flag) and phase 2 must start from the RNG state of
+    # the end of phase 1 (restored although no epoch runs), as in the uninterrupted fit.
+    fit = {**FIT, "max_epochs": 8, "lr": 0.3, "plan_kwargs": {"early_stopping_patience": 1}}
+    reference = stpred.tl.fit(prepared, NAME, trainer_kwargs={"default_root_dir": tmp_path / "ref"}, **fit)
+    assert len(reference.history.query("phase == 1")) < 8
+    root = tmp_path / "runs"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        stpred.tl.fit(prepared, NAME, trainer_kwargs={"default_root_dir": root, "callbacks": [_FailAfterPhaseOne()]},
+                      **fit)
+    (run,) = _run_dirs(root)
+    assert (run / "phase1" / "last.ckpt").is_file()
+    resumed = stpred.tl.fit(prepared, NAME, trainer_kwargs={"default_root_dir": root}, resume=True, **fit)
+    assert resumed.history.equals(reference.history)
+    wr, wx = _weights(reference), _weights(resumed)
+    assert all(torch.equal(wr[k], wx[k]) for k in wr)
+
+
 def test_resume_of_a_finished_run_restores_it_without_training(prepared, tmp_path):
     root = tmp_path / "runs"
     done = stpred.tl.fit(prepared, NAME, trainer_kwargs={"default_root_dir": root}, **FIT)

@@ -80,15 +80,16 @@ class LastCheckpoint(Checkpoint):
         """Remember the saved state; it is applied when training restarts."""
         self._pending = dict(state_dict)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """A run saved just as early stopping fired stops again here, before another epoch."""
-        if self._pending is not None and self._pending.get("should_stop"):
-            trainer.should_stop = True
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Apply a loaded state: the RNG states, and a stop that early stopping had decided.
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Restore the RNG states as late as possible: right before the first resumed epoch draws from them."""
+        This runs after the checkpoint is restored and before anything draws from the global RNG (the data
+        loaders draw their seeds from private generators), also when the loaded run needs no further epoch.
+        """
         if self._pending is not None:
             set_rng_state(self._pending["rng"])
+            if self._pending.get("should_stop"):
+                trainer.should_stop = True
             self._pending = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
