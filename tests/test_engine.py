@@ -282,7 +282,8 @@ def test_evaluate_matches_metrics(prepared):
 def test_provenance_survives_zarr_round_trip(prepared, tmp_path):
     import spatialdata as sd
 
-    stpred.tl.fit(prepared, "toy_cnn", **FIT)
+    # a named checkpoint folder keeps the saved predictor (a temporary one is removed when `fit` returns)
+    stpred.tl.fit(prepared, "toy_cnn", trainer_kwargs={"default_root_dir": tmp_path / "runs"}, **FIT)
     stpred.tl.predict(prepared, "toy_cnn", progress=False)
     stpred.tl.cross_validate(prepared, "toy_cnn", protocol="slide-wise", n_folds=3, **FIT)
     prepared.write(tmp_path / "x.zarr")

@@ -5,7 +5,11 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
+import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -60,6 +64,7 @@ def fit(
     group_key: str = PATIENT_KEY,
     plan_kwargs: Mapping[str, Any] | None = None,
     trainer_kwargs: Mapping[str, Any] | None = None,
+    resume: bool | str | os.PathLike = False,
     **model_kwargs: Any,
 ) -> Predictor:
     """Train a model on the sections that have measured expression.
@@ -102,10 +107,28 @@ def fit(
     trainer_kwargs
         Extra keyword arguments for :class:`lightning.pytorch.Trainer`: ``accelerator``, ``devices``,
         ``strategy`` (``"ddp"`` for several GPUs), ``precision`` (default ``"bf16-mixed"`` on CUDA, ``"32-true"``
-        on the CPU), ``callbacks`` (added to stpred's), ``default_root_dir`` (where checkpoints and the saved
-        predictor go; default a new temporary directory), ...
+        on the CPU), ``callbacks`` (added to stpred's), ``default_root_dir`` (the checkpoint folder, see below),
+        ...
+    resume
+        Continue an interrupted fit instead of starting a new one: ``True`` takes the most recent run under the
+        checkpoint folder (``trainer_kwargs["default_root_dir"]``) that was started with the same model, settings,
+        seed, genes and data; a path names either such a run folder or a checkpoint folder to search. The
+        finished phases are restored, the interrupted one continues from its last finished epoch (weights,
+        optimiser, schedule, early stopping, RNG); on the CPU the result equals an uninterrupted fit bit for
+        bit. A run started with other settings or data is refused, naming what differs.
     **model_kwargs
         Model configuration (see the model's config dataclass, e.g. :class:`stpred.models.hifusion.HiFusionConfig`).
+
+    Notes
+    -----
+    Checkpoints. With ``trainer_kwargs={{"default_root_dir": folder}}`` every fit writes into a new run folder
+    ``folder/<model>-<UTC time>-<random id>`` (never into another fit's): the run state, the checkpoints that
+    make it resumable (a full ``last.ckpt`` every epoch) and, at the end, the saved predictor
+    (``<run folder>/predictor``, recorded as ``checkpoint`` in the provenance, so that ``stpred.tl.predict`` finds
+    it again after the SpatialData is written and read back). Without a folder the checkpoints go to a temporary
+    folder that is removed when ``fit`` returns or fails; the predictor is then kept in memory only (``predict``
+    in the same session, or :meth:`~stpred.tl.Predictor.save`) and the provenance records ``checkpoint`` as
+    ``None``.
 
     Returns
     -------
@@ -122,6 +145,12 @@ def fit(
     >>> predictor = stpred.tl.fit(sdata, "hifusion", train=["S0", "S1"], max_epochs=5,
     ...                           spot_size=112, context_size=224, width=16)
     >>> predictor.history[["epoch", "train_mse", "val_mse"]]
+
+    A fit that can be resumed after an interruption (same call, plus ``resume=True``):
+
+    >>> kwargs = dict(train=["S0", "S1"], max_epochs=5, spot_size=112, context_size=224, width=16)
+    >>> stpred.tl.fit(sdata, "hifusion", trainer_kwargs={{"default_root_dir": "runs"}}, **kwargs)
+    >>> stpred.tl.fit(sdata, "hifusion", trainer_kwargs={{"default_root_dir": "runs"}}, resume=True, **kwargs)
     """
     predictor = fit_unregistered(
         sdata,
@@ -139,6 +168,7 @@ def fit(
         group_key=group_key,
         plan_kwargs=plan_kwargs,
         trainer_kwargs=trainer_kwargs,
+        resume=resume,
         **model_kwargs,
     )
     table = get_table(sdata, table_key)
@@ -154,6 +184,8 @@ def fit(
         seed=seed,
         train=check_sections(train, section_names(table)),
         checkpoint=info["checkpoint"],
+        run_dir=info["run_dir"],
+        resumed=info["resumed"],
         **model_kwargs,
     )
     return predictor
@@ -176,6 +208,7 @@ def fit_unregistered(
     group_key: str = PATIENT_KEY,
     plan_kwargs: Mapping[str, Any] | None = None,
     trainer_kwargs: Mapping[str, Any] | None = None,
+    resume: bool | str | os.PathLike = False,
     **model_kwargs: Any,
 ) -> Predictor:
     """:func:`fit` without recording or registering the result (the per-fold fits of ``cross_validate``).
@@ -201,6 +234,7 @@ def fit_unregistered(
     trainer_kwargs = dict(trainer_kwargs or {})
     root = trainer_kwargs.pop("default_root_dir", None)
     trainer_kwargs = check_trainer_kwargs(trainer_kwargs)
+    root, resume_dir = _check_resume(resume, root, name)
     val, val_fraction = _check_val(val)
     train_sections = check_sections(train, section_names(table))
     normalize = dict(stpred_uns(table).get("normalize", {}))
@@ -217,47 +251,113 @@ def fit_unregistered(
     train_rows, val_rows, val_info = validation_split(
         table, train_sections, val=val, val_fraction=val_fraction, group_key=group_key, seed=seed
     )
-    checkpoint_dir = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="stpred_"))
-    runner = TrainRunner(
-        net,
-        TensorStore(arrays),
-        list(train_rows.values()),
-        list(val_rows.values()),
-        plan=plan,
-        checkpoint_dir=checkpoint_dir,
-        seed=seed,
-        progress=progress,
-        trainer_kwargs=trainer_kwargs,
-    )
-    result = runner.run()
-    info = {
-        "seed": seed,
-        "train_sections": [s for s in train_sections if s in train_rows],
-        "validation": val_info,
-        "n_train_spots": int(sum(len(g) for g in runner.train_groups)),
-        "n_val_spots": int(sum(len(g) for g in runner.val_groups)),
-        "max_epochs": plan.max_epochs,
-        "batch_size": plan.batch_size,
-        "optim": asdict(plan),
-        "best": result.best,
-        "embedding_key": embedding_key if BatchKeys.EMBEDDING in net.inputs else None,
-        "config": asdict(net.config),
-        "precision": str(trainer_kwargs.get("precision", "auto")),
-        "versions": versions(),
-    }
-    predictor = Predictor(
-        net,
-        name=name,
-        genes=list(map(str, table.var_names)),
-        normalize=normalize,
-        sizes=sizes,
-        model_kwargs=model_kwargs,
-        history=result.history,
-        info=info,
-    )
-    saved = predictor.save(checkpoint_dir / "predictor", overwrite=True)
-    predictor.info["checkpoint"] = str(saved)
+    genes = list(map(str, table.var_names))
+    keep = root is not None or resume_dir is not None
+    temporary = None if keep else Path(tempfile.mkdtemp(prefix="stpred_"))
+    try:
+        runner = TrainRunner(
+            net,
+            TensorStore(arrays),
+            list(train_rows.values()),
+            list(val_rows.values()),
+            plan=plan,
+            # `resume=True`: the run folder is looked up below, once the runner can fingerprint the run
+            checkpoint_dir=temporary or resume_dir or (root if resume is not False else _new_run_dir(root, name)),
+            seed=seed,
+            progress=progress,
+            trainer_kwargs=trainer_kwargs,
+            resumable=keep,
+            fingerprint_extra={"genes": genes},
+        )
+        if resume is not False and resume_dir is None:
+            from ..train._state import find_run
+
+            runner.checkpoint_dir = find_run(root, runner.fingerprint())
+        if resume is not False:
+            logger.info("resuming the %r run in %s", name, runner.checkpoint_dir)
+        result = runner.run(resume=resume is not False)
+        run_dir = None if temporary is not None else runner.checkpoint_dir.absolute()
+        info = {
+            "seed": seed,
+            "train_sections": [s for s in train_sections if s in train_rows],
+            "validation": val_info,
+            "n_train_spots": int(sum(len(g) for g in runner.train_groups)),
+            "n_val_spots": int(sum(len(g) for g in runner.val_groups)),
+            "max_epochs": plan.max_epochs,
+            "batch_size": plan.batch_size,
+            "optim": asdict(plan),
+            # checkpoints of a temporary folder are gone when `fit` returns: record none
+            "best": {p: {**b, "checkpoint": b["checkpoint"] if run_dir else None} for p, b in result.best.items()},
+            "embedding_key": embedding_key if BatchKeys.EMBEDDING in net.inputs else None,
+            "config": asdict(net.config),
+            "precision": str(trainer_kwargs.get("precision", "auto")),
+            "run_dir": None if run_dir is None else str(run_dir),
+            "resumed": resume is not False,
+            "versions": versions(),
+        }
+        predictor = Predictor(
+            net,
+            name=name,
+            genes=genes,
+            normalize=normalize,
+            sizes=sizes,
+            model_kwargs=model_kwargs,
+            history=result.history,
+            info=info,
+        )
+        predictor.info["checkpoint"] = None
+        if run_dir is not None:
+            saved = predictor.save(run_dir / "predictor", overwrite=True)
+            predictor.info["checkpoint"] = str(saved)
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
     return predictor
+
+
+def _check_resume(resume: Any, root: Any, name: str) -> tuple[Path | None, Path | None]:
+    """``(checkpoint folder, run folder to resume)`` from ``resume`` and ``default_root_dir``, checked up front."""
+    from ..train._state import STATE_FILE, check_has_runs
+
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        msg = f"Expected `trainer_kwargs['default_root_dir']` to be a folder path, found {type(root).__name__}."
+        raise TypeError(msg)
+    root = None if root is None else Path(root)
+    if resume is False:
+        return root, None
+    if resume is True:
+        if root is None:
+            msg = (
+                "`resume=True` needs the checkpoint folder of the interrupted fit: pass "
+                "`trainer_kwargs={'default_root_dir': folder}` as in that fit, or `resume=<run folder>`."
+            )
+            raise ValueError(msg)
+        check_has_runs(root, name)
+        return root, None
+    if not isinstance(resume, (str, os.PathLike)):
+        msg = f"Expected `resume` to be False, True or a folder path, found {type(resume).__name__}."
+        raise TypeError(msg)
+    path = Path(resume)
+    if not path.is_dir():
+        msg = f"`resume={str(resume)!r}` is not a folder; pass the run folder (or checkpoint folder) of the fit to resume."
+        raise FileNotFoundError(msg)
+    run = path if (path / STATE_FILE).is_file() else None
+    search = path.parent if run is not None else path
+    if root is not None and root.absolute() != search.absolute() and root.absolute() != path.absolute():
+        msg = (
+            f"`resume={str(resume)!r}` is not under `trainer_kwargs['default_root_dir']={str(root)!r}`; pass one "
+            "of the two (the run is continued in its own folder)."
+        )
+        raise ValueError(msg)
+    if run is None:
+        check_has_runs(search, name)
+    return search, run
+
+
+def _new_run_dir(root: Path, name: str) -> Path:
+    """A new, unique run folder under ``root``: ``<model>-<UTC time>-<random id>`` (created by the runner)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return Path(root) / f"{name}-{stamp}-{uuid.uuid4().hex[:12]}"
 
 
 def _plan_overrides(

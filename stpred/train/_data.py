@@ -167,6 +167,7 @@ class IndexDataModule(L.LightningDataModule):
             val = [np.concatenate(list(val_groups))] if len(val_groups) else []
         self._train = _EpochShuffledBatches(train, batch_size=bs, shuffle=True, seed=seed)
         self._val = _EpochShuffledBatches(val, batch_size=bs, shuffle=False, seed=seed) if val else None
+        self.seed = int(seed)
         self.n_train = int(sum(len(g) for g in train_groups))
         self.n_val = int(sum(len(g) for g in val_groups))
 
@@ -175,14 +176,23 @@ class IndexDataModule(L.LightningDataModule):
         """Whether a validation split exists."""
         return self._val is not None and len(self._val) > 0
 
+    def _generator(self) -> torch.Generator:
+        # a private generator: creating a loader iterator then draws nothing from the global RNG, whose state
+        # (augmentation, dropout) a resumed run restores at an epoch boundary
+        return torch.Generator().manual_seed(self.seed)
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled index batches; the order changes every epoch."""
-        return DataLoader(self._train, batch_size=1, sampler=self._train, collate_fn=_collate_single)
+        return DataLoader(
+            self._train, batch_size=1, sampler=self._train, collate_fn=_collate_single, generator=self._generator()
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation index batches (fixed order)."""
         if not self.has_val:
             return []
-        return DataLoader(self._val, batch_size=1, shuffle=False, collate_fn=_collate_single)
+        return DataLoader(
+            self._val, batch_size=1, shuffle=False, collate_fn=_collate_single, generator=self._generator()
+        )
 
 

@@ -45,6 +45,8 @@ class StpredModule(L.LightningModule):
         self.optim = optim
         self.resident = resident
         self._n_train_batches = 1
+        self._scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self._scheduler_state: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------- inference
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -102,16 +104,43 @@ class StpredModule(L.LightningModule):
 
     # ----------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> Any:
-        """Adam/AdamW on the trainable parameters, with an optional per-epoch cosine schedule."""
+        """Adam/AdamW on the trainable parameters; the optional cosine schedule is stepped by this module.
+
+        The schedule steps in :meth:`on_train_epoch_end`, before the end-of-epoch checkpoints are written, so
+        that a checkpoint holds the learning rate the next epoch uses (Lightning steps its own schedulers after
+        the checkpoints, which a resumed run would miss).
+        """
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             msg = "The model has no trainable parameters."
             raise ValueError(msg)
         cls = torch.optim.AdamW if self.optim.optimizer == "adamw" else torch.optim.Adam
         opt = cls(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay)
-        if self.optim.scheduler == "none":
-            return opt
-        t_max = max(1, int(self.trainer.max_epochs or 1))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max, eta_min=self.optim.min_lr)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        self._scheduler = None
+        if self.optim.scheduler == "cosine":
+            t_max = max(1, int(self.trainer.max_epochs or 1))
+            self._scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max, eta_min=self.optim.min_lr)
+            if self._scheduler_state is not None:
+                self._scheduler.load_state_dict(self._scheduler_state)
+                self._scheduler_state = None
+        return opt
 
+    def on_train_epoch_end(self) -> None:
+        """Step the learning-rate schedule (once per epoch)."""
+        if self._scheduler is not None:
+            self._scheduler.step()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the schedule's state with the checkpoint."""
+        if self._scheduler is not None:
+            checkpoint["stpred_lr_scheduler"] = self._scheduler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the schedule's state (now, or when the optimiser is built)."""
+        state = checkpoint.get("stpred_lr_scheduler")
+        if state is None:
+            return
+        if self._scheduler is not None:
+            self._scheduler.load_state_dict(state)
+        else:
+            self._scheduler_state = state

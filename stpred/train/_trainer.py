@@ -95,6 +95,8 @@ def train_model(
     phase: int = 1,
     resident: bool | None = None,
     trainer_kwargs: dict[str, Any] | None = None,
+    save_last: bool = False,
+    resume_from: str | os.PathLike | None = None,
 ) -> tuple[pd.DataFrame, Path | None, int]:
     """Train ``model`` in place for one phase and restore the weights of its best validation epoch.
 
@@ -117,6 +119,9 @@ def train_model(
     """
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+    from ._callbacks import LastCheckpoint
+    from ._state import LAST, phase_dir
+
     data = IndexDataModule(
         train_groups,
         val_groups,
@@ -131,9 +136,10 @@ def train_model(
     history.phase = phase
     callbacks: list[L.Callback] = [history, *extra.pop("callbacks", [])]
     checkpoint = None
+    folder = phase_dir(Path(checkpoint_dir).absolute(), phase)
     if data.has_val:
         checkpoint = ModelCheckpoint(
-            dirpath=str(Path(checkpoint_dir) / f"phase{phase}"),
+            dirpath=str(folder),
             filename="best",
             monitor="val_mse",
             mode="min",
@@ -144,12 +150,14 @@ def train_model(
         callbacks.append(checkpoint)
         if plan.early_stopping_patience is not None:
             callbacks.append(EarlyStopping(monitor="val_mse", mode="min", patience=plan.early_stopping_patience))
+    if save_last:
+        callbacks.append(LastCheckpoint(folder / LAST))  # after the best checkpoint, so it saves the updated best
     trainer = make_trainer(
         max_epochs=plan.max_epochs,
         callbacks=callbacks,
         default_root_dir=checkpoint_dir,
         progress=progress,
-        enable_checkpointing=checkpoint is not None,
+        enable_checkpointing=checkpoint is not None or save_last,
         **extra,
     )
     with warnings.catch_warnings():
@@ -160,7 +168,9 @@ def train_model(
         warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
         # frozen sub-modules (MMAP's backbone) are kept in eval mode on purpose
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode at the start of training.*")
-        trainer.fit(module, datamodule=data)
+        # a resumed phase writes into its own folder again, on purpose
+        warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+        trainer.fit(module, datamodule=data, ckpt_path=None if resume_from is None else str(resume_from))
     frame = history.frame()
     best_path = None
     best_epoch = int(frame["epoch"].max()) if len(frame) else 0
