@@ -76,6 +76,8 @@ class Predictor:
         self.model_kwargs = dict(model_kwargs)
         self.history = history if history is not None else pd.DataFrame()
         self.info = dict(info or {})
+        #: Out-of-distribution reference (:class:`~stpred.tl._ood.OODReference`), set by ``tl.fit``; saved as ood.npz.
+        self.ood_reference: Any = None
 
     def __repr__(self) -> str:
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -209,6 +211,9 @@ class Predictor:
         }
         (path / _META).write_text(json.dumps(meta, indent=2))
         self.history.to_csv(path / _HISTORY, index=False)
+        from ._ood import save_reference
+
+        save_reference(path, self.ood_reference)
         return path
 
 
@@ -232,7 +237,10 @@ def load(path: str | os.PathLike) -> Predictor:
     import torch
 
     from ..models import get_model
+    from ._ensemble import is_saved_ensemble, load_ensemble
 
+    if is_saved_ensemble(path):
+        return load_ensemble(path)
     path = Path(path)
     if not (path / _META).is_file() or not (path / _WEIGHTS).is_file():
         msg = f"No saved predictor at {str(path)!r} (expected {_META} and {_WEIGHTS}); save one with `Predictor.save`."
@@ -251,7 +259,7 @@ def load(path: str | os.PathLike) -> Predictor:
     history = pd.read_csv(path / _HISTORY) if (path / _HISTORY).stat().st_size > 1 else pd.DataFrame()
     info = dict(meta.get("info", {}))
     info["checkpoint"] = str(path)
-    return Predictor(
+    predictor = Predictor(
         model,
         name=meta["model"],
         genes=meta["genes"],
@@ -261,6 +269,10 @@ def load(path: str | os.PathLike) -> Predictor:
         history=history,
         info=info,
     )
+    from ._ood import load_reference
+
+    predictor.ood_reference = load_reference(path)
+    return predictor
 
 
 def register_fitted(sdata: SpatialData, predictor: Predictor) -> None:
