@@ -1,4 +1,4 @@
-"""Plots (matplotlib): measured vs predicted maps, scores, loss curves, domains."""
+"""Plots (matplotlib): measured vs predicted maps, scores, loss curves, domains, tiles over tissue."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ _NAMES = {
     "gene_scores": "_scores",
     "history": "_history",
     "domains": "_domains",
+    "tissue": "_tissue",
 }
 __getattr__, __dir__, __all__ = attach(__name__, _NAMES)
 
@@ -20,3 +21,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._history import history
     from ._scores import gene_scores, scores
     from ._spatial import spatial
+    from ._tissue import tissue

@@ -1,4 +1,4 @@
-"""Preprocessing: gene selection, normalisation, patches, embeddings, lattice."""
+"""Preprocessing: gene selection, normalisation, patches, embeddings, lattice, tiles over tissue."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ _NAMES = {
     "embed": "_embed",
     "list_encoders": "_embed",
     "lattice": "_lattice",
+    "tile": "_tile",
 }
 __getattr__, __dir__, __all__ = attach(__name__, _NAMES)
 
@@ -23,3 +24,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._lattice import lattice
     from ._normalize import normalize
     from ._patches import PatchBank, extract_patches
+    from ._tile import tile
