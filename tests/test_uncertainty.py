@@ -170,3 +170,67 @@ def test_ledoit_wolf_shrinks_toward_scaled_identity():
     far = ref.score(np.full((1, 5), 6.0))
     assert far[0] > ref.threshold
     assert 0.9 < (ref.score(rng.normal(size=(2000, 5))) <= ref.threshold).mean() < 1.0
+
+
+# ------------------------------------------------------------------------------------------- prediction on tiles
+def _tiles_on_spots(sdata, section, key, *, size_um):
+    """Square tiles (as `pp.tile` writes them) centred on the spots of ``section``, in the image's pixel frame."""
+    from spatialdata.transformations import get_transformation
+
+    from stpred.pp._tile import _shapes, _table
+
+    spots = sdata.shapes[f"{section}_spots"]
+    xy = np.c_[spots.geometry.x.to_numpy(), spots.geometry.y.to_numpy()]
+    image = sdata.images[f"{section}_hne"]
+    transformations = dict(get_transformation(image, get_all=True))
+    sdata.shapes[key] = _shapes(xy, size_px=size_um, layout="square", transformations=transformations)
+    sdata.tables[f"{key}_table"] = _table(
+        key_added=key, section=section, xy_um=xy, xy_px=xy, ij=np.zeros((len(xy), 2), int),
+        fraction=np.ones(len(xy)), mpp=1.0, size_um=size_um, stride_um=size_um, provenance={"image_key": image},
+    )  # fmt: skip
+    return spots.index.to_numpy()
+
+
+def test_tile_prediction_equals_spot_prediction_at_the_same_centre(fitted):
+    sdata, ensemble = fitted
+    member = ensemble.members[0]
+    assert member.info["geometry"]["mpp"] == 1.0
+    ids = _tiles_on_spots(sdata, "S2", "S2_test_tiles", size_um=40)  # smaller than the 80 µm spots
+    stpred.tl.predict(sdata, member, region="S2_test_tiles", key_added="tiles", uncertainty="mc_dropout", n_samples=3,
+                      progress=False)  # fmt: skip
+    tiles = sdata.tables["S2_test_tiles_table"]
+    assert list(tiles.var_names) == member.genes
+    assert tiles.uns["stpred"]["predictions"]["tiles"]["region"] == "S2_test_tiles"
+    assert tiles.layers["tiles_std"].std() > 0
+    assert "tiles_ood" in tiles.obs
+    stpred.tl.predict(sdata, member, region="S2_test_tiles", key_added="det", ood=False, progress=False)
+    table = sdata.tables["stpred"]
+    rows = _rows(sdata, "S2")
+    spot_pred = member.predict(sdata, ["S2"], progress=False)[:, member.check_compatible(table).argsort()]
+    by_id = dict(zip(table.obs["spot_id"].to_numpy()[rows], range(len(rows))))
+    order = [by_id[i] for i in ids]
+    np.testing.assert_allclose(tiles.layers["det"], spot_pred[order], rtol=1e-5, atol=1e-5)
+    # the OOD score of a tile is its spot's score
+    stpred.tl.predict(sdata, member, sections=["S2"], key_added="spot_ood", ood=True, progress=False)
+    np.testing.assert_allclose(
+        tiles.obs["tiles_ood"].to_numpy(), table.obs["spot_ood_ood"].to_numpy()[rows][order], rtol=1e-4
+    )
+
+
+def test_region_refusals_leave_the_object_unchanged(fitted):
+    sdata, ensemble = fitted
+    member = ensemble.members[0]
+    with pytest.raises(KeyError, match="shapes element"):
+        stpred.tl.predict(sdata, member, region="nope", progress=False)
+    _tiles_on_spots(sdata, "S2", "S2_bad_tiles", size_um=80)
+    tiles = sdata.tables["S2_bad_tiles_table"]
+    tiles.uns["stpred"]["mpp"] = {}
+    with pytest.raises(ValueError, match="microns per pixel"):
+        stpred.tl.predict(sdata, member, region="S2_bad_tiles", progress=False)
+    assert sdata.tables["S2_bad_tiles_table"].n_vars == 0
+    geometry = member.info.pop("geometry")
+    try:
+        with pytest.raises(ValueError, match="Refit"):
+            stpred.tl.predict(sdata, member, region="S2_bad_tiles", progress=False)
+    finally:
+        member.info["geometry"] = geometry

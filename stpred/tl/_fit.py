@@ -205,6 +205,7 @@ def fit_unregistered(
     from ..train._runner import check_trainer_kwargs
     from ._inputs import model_arrays, model_sizes
     from ._ood import reference_from_fit
+    from ._region import training_geometry
     from ._splits import validation_split
 
     cls = get_model(model)
@@ -259,6 +260,7 @@ def fit_unregistered(
         "optim": asdict(plan),
         "best": result.best,
         "embedding_key": embedding_key if BatchKeys.EMBEDDING in net.inputs else None,
+        "geometry": training_geometry(sdata, net, patches=patches, train_sections=list(train_sections)),
         "config": asdict(net.config),
         "precision": str(trainer_kwargs.get("precision", "auto")),
         "versions": versions(),

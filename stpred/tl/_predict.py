@@ -14,6 +14,7 @@ from .._sections import section_names
 from .._validate import check_sections, get_table
 from ._ensemble import EnsemblePredictor, as_ensemble
 from ._predictor import Predictor, resolve_predictor
+from ._region import predict_region
 from ._uncertainty import check_options, predict_extras
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ def predict(
     n_samples: int = 20,
     ood: bool | None = None,
     seed: int = 0,
+    region: str | None = None,
 ) -> None:
     """Predict expression for every spot and write it as a layer of the ``stpred`` table.
 
@@ -74,6 +76,12 @@ def predict(
         :func:`stpred.tl.fit` for HiFusion, HiST and MMAP); ``True``: required; ``False``: skipped.
     seed
         Seed of the MC-dropout masks (the random state is restored afterwards).
+    region
+        Key of a shapes element of tiles (from :func:`stpred.pp.tile`): predict every tile instead of the spots
+        of the ``stpred`` table. Crops are cut around each tile centre at the microns per pixel the model was
+        trained with (HiFusion, MMAP; HiST is refused); the tiles' table gets the genes as ``var``, the
+        predictions (and ``_std``, ``_ood``) as above, and the provenance in ``uns["stpred"]["predictions"]``.
+        ``sections`` and ``table_key`` do not apply. See :doc:`/he_only`.
 
     Returns
     -------
@@ -87,13 +95,18 @@ def predict(
     >>> stpred.tl.predict(sdata, "hifusion", sections=["S2"])
     >>> sdata.tables["stpred"].layers["stpred_hifusion"]
     """
+    if region is not None:
+        if sections is not None or table_key != STPRED_TABLE:
+            msg = "`sections` and `table_key` select spots of the `stpred` table; with `region=` drop them."
+            raise ValueError(msg)
+        predict_region(
+            sdata, _resolve_model(sdata, model, table_key), region, key_added=key_added, overwrite=overwrite,
+            uncertainty=uncertainty, n_samples=n_samples, ood=ood, seed=seed, batch_size=batch_size, device=device,
+            progress=progress,
+        )  # fmt: skip
+        return
     table = get_table(sdata, table_key, made_by="pp.select_genes")
-    if isinstance(model, list | tuple):
-        predictor: Any = as_ensemble(model, sdata, table_key=table_key)
-    elif isinstance(model, EnsemblePredictor):
-        predictor = model
-    else:
-        predictor = resolve_predictor(sdata, model, table_key=table_key)
+    predictor = _resolve_model(sdata, model, table_key)
     with_ood = check_options(predictor, uncertainty=uncertainty, n_samples=n_samples, ood=ood)
     key = key_added or prediction_layer(predictor.name)
     std_key, ood_key, flag_key = f"{key}_std", f"{key}_ood", f"{key}_ood_flag"
@@ -153,3 +166,12 @@ def predict(
         **({"uncertainty": uncertainty, "n_samples": n_samples} if uncertainty else {}),
         **({"ood": True} if with_ood else {}),
     )  # fmt: skip
+
+
+def _resolve_model(sdata: SpatialData, model: Any, table_key: str) -> Any:
+    """A Predictor or EnsemblePredictor from what ``model=`` accepts (a list makes an ensemble)."""
+    if isinstance(model, list | tuple):
+        return as_ensemble(model, sdata, table_key=table_key)
+    if isinstance(model, EnsemblePredictor):
+        return model
+    return resolve_predictor(sdata, model, table_key=table_key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -77,8 +78,13 @@ def predict_extras(
     batch_size: int | None = None,
     device: str | None = None,
     progress: bool = True,
+    prepare_member: Callable[[Any], Any] | None = None,
 ) -> Extras:
-    """Mean (and std, OOD scores as requested) for the rows of ``sections`` in table order."""
+    """Mean (and std, OOD scores as requested) for the rows of ``sections`` in table order.
+
+    ``prepare_member(member) -> Prepared`` replaces the default inputs (the ``stpred`` table's spots), e.g. with
+    crops around tiles.
+    """
     from ._ensemble import EnsemblePredictor
     from ._infer import _Moments, mc_dropout_moments, prepare, run
 
@@ -87,7 +93,10 @@ def predict_extras(
     moments = _Moments()
     mean = std = None
     for i, member in enumerate(members):
-        prepared = prepare(member, sdata, sections, table_key=table_key, batch_size=batch_size)
+        if prepare_member is not None:
+            prepared = prepare_member(member)
+        else:
+            prepared = prepare(member, sdata, sections, table_key=table_key, batch_size=batch_size)
         if uncertainty == "mc_dropout":
             mean, std = mc_dropout_moments(member, prepared, n_samples=n_samples, seed=seed, device=device, progress=progress)
         else:
