@@ -146,6 +146,13 @@ def tiles_ood(args: argparse.Namespace) -> None:
 
     ensemble = stpred.tl.load(args.tiles_from)
     member = ensemble.members[0] if isinstance(ensemble, stpred.tl.EnsemblePredictor) else ensemble
+    geometry_source = "predictor"
+    if not member.info.get("geometry"):  # saved before tl.fit recorded it: the geometry of this script's crops
+        member.info["geometry"] = {
+            "spot_size": args.size, "context_size": 2 * args.size, "mpp": args.mpp, "spot_um": args.size * args.mpp,
+            "native": False,
+        }  # fmt: skip
+        geometry_source = "command line (--size, --mpp)"
     sdata = stpred.datasets.her2st(args.path)
     sections = sdata.tables["table"].obs["section"].astype(str).unique().tolist()
     section = [s for s in sections if s not in member.info["train_sections"]][-1]
@@ -170,6 +177,8 @@ def tiles_ood(args: argparse.Namespace) -> None:
         "tissue": {"n": int((fraction >= 0.9).sum()), "flag_rate": float(flag[fraction >= 0.9].mean()),
                    "median_score": float(np.median(score[fraction >= 0.9]))},
         "threshold": member.ood_reference.threshold,
+        "geometry": member.info["geometry"],
+        "geometry_source": geometry_source,
         "seconds": {"tile": round(t_tile, 1), "predict_tiles": round(t_pred, 1)},
         "load_average": os.getloadavg(),
     }  # fmt: skip
