@@ -22,6 +22,7 @@ from .._docs import doc_params, doc_sdata
 from .._provenance import plain, record, stpred_uns, versions
 from .._sections import rows_of, section_names
 from .._validate import check_sections, get_table
+from ._ensemble import EnsemblePredictor, check_n_models, fit_ensemble
 from ._predictor import Predictor, register_fitted
 
 if TYPE_CHECKING:
@@ -65,8 +66,9 @@ def fit(
     plan_kwargs: Mapping[str, Any] | None = None,
     trainer_kwargs: Mapping[str, Any] | None = None,
     resume: bool | str | os.PathLike = False,
+    n_models: int = 1,
     **model_kwargs: Any,
-) -> Predictor:
+) -> Predictor | EnsemblePredictor:
     """Train a model on the sections that have measured expression.
 
     The best epoch is chosen on a validation split that never comes from test sections: held-out training
@@ -116,6 +118,11 @@ def fit(
         finished phases are restored, the interrupted one continues from its last finished epoch (weights,
         optimiser, schedule, early stopping, RNG); on the CPU the result equals an uninterrupted fit bit for
         bit. A run started with other settings or data is refused, naming what differs.
+    n_models
+        ``1``: one model. ``k >= 2``: a deep ensemble of ``k`` models trained with seeds ``seed … seed + k - 1``
+        (each its own initialisation, batch order and validation split), returned as an
+        :class:`~stpred.tl.EnsemblePredictor`; ``stpred.tl.predict(..., uncertainty="ensemble")`` then writes
+        their spread. Costs ``k`` fits.
     **model_kwargs
         Model configuration (see the model's config dataclass, e.g. :class:`stpred.models.hifusion.HiFusionConfig`).
 
@@ -132,7 +139,7 @@ def fit(
 
     Returns
     -------
-    The fitted :class:`~stpred.tl.Predictor`. Also records the fit under
+    The fitted :class:`~stpred.tl.Predictor` (an :class:`~stpred.tl.EnsemblePredictor` when ``n_models > 1``). Also records the fit under
     ``sdata.tables["stpred"].uns["stpred"]["models"][model]`` and remembers the predictor, so that
     ``stpred.tl.predict(sdata, model=model)`` uses it.
 
@@ -152,25 +159,36 @@ def fit(
     >>> stpred.tl.fit(sdata, "hifusion", trainer_kwargs={{"default_root_dir": "runs"}}, **kwargs)
     >>> stpred.tl.fit(sdata, "hifusion", trainer_kwargs={{"default_root_dir": "runs"}}, resume=True, **kwargs)
     """
-    predictor = fit_unregistered(
-        sdata,
-        model,
-        train=train,
-        val=val,
-        max_epochs=max_epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        embedding_key=embedding_key,
-        patches=patches,
-        progress=progress,
-        table_key=table_key,
-        group_key=group_key,
-        plan_kwargs=plan_kwargs,
-        trainer_kwargs=trainer_kwargs,
-        resume=resume,
-        **model_kwargs,
-    )
+    n_models = check_n_models(n_models)
+    if resume is not False and n_models > 1:
+        msg = "`resume=` continues one interrupted fit; resume the members of an ensemble one by one (`n_models=1`)."
+        raise ValueError(msg)
+
+    def fit_one(*, seed: int, trainer_kwargs: Mapping[str, Any] | None) -> Predictor:
+        return fit_unregistered(
+            sdata,
+            model,
+            train=train,
+            val=val,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            embedding_key=embedding_key,
+            patches=patches,
+            progress=progress,
+            table_key=table_key,
+            group_key=group_key,
+            plan_kwargs=plan_kwargs,
+            trainer_kwargs=trainer_kwargs,
+            resume=resume,
+            **model_kwargs,
+        )
+
+    if n_models == 1:
+        predictor: Predictor | EnsemblePredictor = fit_one(seed=seed, trainer_kwargs=trainer_kwargs)
+    else:
+        predictor = fit_ensemble(fit_one, n_models=n_models, seed=seed, trainer_kwargs=dict(trainer_kwargs or {}))
     table = get_table(sdata, table_key)
     name, info = predictor.name, predictor.info
     register_fitted(sdata, predictor)
@@ -184,8 +202,9 @@ def fit(
         seed=seed,
         train=check_sections(train, section_names(table)),
         checkpoint=info["checkpoint"],
-        run_dir=info["run_dir"],
-        resumed=info["resumed"],
+        run_dir=info.get("run_dir"),
+        resumed=info.get("resumed", False),
+        **({"n_models": n_models} if n_models > 1 else {}),
         **model_kwargs,
     )
     return predictor
@@ -221,6 +240,8 @@ def fit_unregistered(
     from ..train import TensorStore, TrainRunner
     from ..train._runner import check_trainer_kwargs
     from ._inputs import model_arrays, model_sizes
+    from ._ood import reference_from_fit
+    from ._region import training_geometry
     from ._splits import validation_split
 
     cls = get_model(model)
@@ -255,9 +276,10 @@ def fit_unregistered(
     keep = root is not None or resume_dir is not None
     temporary = None if keep else Path(tempfile.mkdtemp(prefix="stpred_"))
     try:
+        store = TensorStore(arrays)
         runner = TrainRunner(
             net,
-            TensorStore(arrays),
+            store,
             list(train_rows.values()),
             list(val_rows.values()),
             plan=plan,
@@ -289,6 +311,14 @@ def fit_unregistered(
             # checkpoints of a temporary folder are gone when `fit` returns: record none
             "best": {p: {**b, "checkpoint": b["checkpoint"] if run_dir else None} for p, b in result.best.items()},
             "embedding_key": embedding_key if BatchKeys.EMBEDDING in net.inputs else None,
+            "geometry": training_geometry(
+                sdata,
+                net,
+                patches=patches,
+                train_sections=list(train_sections),
+                table=table,
+                embedding_key=embedding_key,
+            ),
             "config": asdict(net.config),
             "precision": str(trainer_kwargs.get("precision", "auto")),
             "run_dir": None if run_dir is None else str(run_dir),
@@ -304,6 +334,9 @@ def fit_unregistered(
             model_kwargs=model_kwargs,
             history=result.history,
             info=info,
+        )
+        predictor.ood_reference = reference_from_fit(
+            net, store, runner.train_groups, runner.val_groups, seed=seed, batch_size=max(64, plan.batch_size)
         )
         predictor.info["checkpoint"] = None
         if run_dir is not None:

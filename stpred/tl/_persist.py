@@ -33,9 +33,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.pt"
 HISTORY = "history.csv"
+#: Out-of-distribution reference (training feature mean, precision, calibrated threshold); optional.
+OOD = "ood.npz"
 #: Metadata file of the layout before the manifest (read for compatibility, without checksums).
 LEGACY_META = "predictor.json"
-_OURS = {MANIFEST, WEIGHTS, HISTORY, LEGACY_META}
+_OURS = {MANIFEST, WEIGHTS, HISTORY, OOD, LEGACY_META}
 
 
 class PredictorFileError(ValueError):
@@ -68,6 +70,12 @@ def save_predictor(predictor: Predictor, path: str | os.PathLike, *, overwrite: 
         with open(tmp / HISTORY, "w", newline="") as fh:
             predictor.history.to_csv(fh, index=False)
             _sync(fh)
+        written = [WEIGHTS, HISTORY]
+        if predictor.ood_reference is not None:
+            from ._ood import save_reference
+
+            save_reference(tmp, predictor.ood_reference)
+            written.append(OOD)
         manifest = {
             "format": "stpred.predictor",
             "format_version": FORMAT_VERSION,
@@ -78,7 +86,7 @@ def save_predictor(predictor: Predictor, path: str | os.PathLike, *, overwrite: 
             "info": plain({k: v for k, v in predictor.info.items() if k != "checkpoint"}),
             "versions": versions(),
             # sizes and checksums of what is on disk, read back after writing
-            "files": {name: _fingerprint(tmp / name) for name in (WEIGHTS, HISTORY)},
+            "files": {name: _fingerprint(tmp / name) for name in written},
         }
         with open(tmp / MANIFEST, "w") as fh:
             fh.write(dumps_json(manifest) + "\n")
@@ -168,7 +176,7 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
     history = _read_history(path / HISTORY)
     info = dict(manifest.get("info") or {})
     info["checkpoint"] = str(path)
-    return Predictor(
+    predictor = Predictor(
         model,
         name=manifest["model"],
         genes=manifest["genes"],
@@ -178,6 +186,12 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
         history=history,
         info=info,
     )
+    listed = OOD in dict(manifest.get("files") or {})
+    if listed or ("files" not in manifest and (path / OOD).is_file()):
+        from ._ood import load_reference
+
+        predictor.ood_reference = load_reference(path)
+    return predictor
 
 
 def _not_found(path: Path) -> str:
