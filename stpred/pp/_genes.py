@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy as copy_module
 import logging
 import re
 import warnings
@@ -13,11 +12,11 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE, UNS_KEY
+from .._constants import SECTION_KEY, STPRED_TABLE, UNS_KEY
 from .._docs import doc_overwrite, doc_params, doc_sdata, doc_sections, doc_table_key
 from .._provenance import record
-from .._sections import section_names
 from .._validate import check_one_of, check_positive, check_sections, get_table
+from ..io._adopt import accepts_anndata, resolve, stpred_table
 from ._inplace import check_copy_inplace, table_copy
 
 if TYPE_CHECKING:
@@ -41,10 +40,10 @@ def _check_counts(X: np.ndarray | sparse.spmatrix, *, name: str) -> None:
         raise ValueError(msg)
 
 
-def _shared_genes(raw: AnnData) -> np.ndarray:
+def _shared_genes(raw: AnnData, sections: Sequence[str]) -> np.ndarray:
     """Boolean mask of the genes present in every section (from ``var["present_{section}"]`` where written)."""
     mask = np.ones(raw.n_vars, dtype=bool)
-    for section in section_names(raw):
+    for section in sections:
         col = f"present_{section}"
         if col in raw.var and pd.api.types.is_bool_dtype(raw.var[col]):
             mask &= raw.var[col].to_numpy(dtype=bool)
@@ -181,6 +180,7 @@ def _explicit_genes(raw: AnnData, genes: Sequence[str], shared: np.ndarray) -> n
     return wanted.to_numpy().astype(str)
 
 
+@accepts_anndata
 @doc_params(sdata=doc_sdata, sections=doc_sections, table_key=doc_table_key, overwrite=doc_overwrite)
 def select_genes(
     sdata: SpatialData,
@@ -264,7 +264,6 @@ def select_genes(
     >>> stpred.pp.select_genes(sdata, genes=panel, inplace=False).var_names.tolist() == panel
     True
     """
-    from anndata import AnnData
     from spatialdata.models import TableModel
 
     check_copy_inplace(copy=copy, inplace=inplace)
@@ -291,7 +290,8 @@ def select_genes(
     if not isinstance(key_added, str) or not key_added:
         msg = f"Expected `key_added` to be a non-empty table name, found {key_added!r}."
         raise ValueError(msg)
-    available = section_names(raw)
+    layout = resolve(sdata, table_key=table_key)
+    available = list(layout.sections)
     chosen = check_sections(sections, available)
     if inplace and key_added in sdata.tables and not overwrite:
         msg = f"Table {key_added!r} already exists; pass `overwrite=True` to replace it (its layers are lost)."
@@ -300,9 +300,9 @@ def select_genes(
         msg = f"`table_key` must name the raw-count table, not {table_key!r} (the table `select_genes` writes)."
         raise ValueError(msg)
     _check_counts(raw.X, name=table_key)
-    shared = np.flatnonzero(_shared_genes(raw))
+    shared = np.flatnonzero(_shared_genes(raw, available))
 
-    sec = raw.obs[SECTION_KEY].astype(str).to_numpy()
+    sec = layout.section_labels(raw)
     rows_by_section = {s: np.flatnonzero(sec == s) for s in chosen}
     info: dict[str, object] = {}
     if genes is not None:
@@ -328,16 +328,9 @@ def select_genes(
         selected = ranked["gene"].to_numpy()[:n_top].astype(str)
     logger.info("Selected %d genes (flavor=%r, sections=%s).", len(selected), flavor, chosen)
 
-    gene_idx = raw.var_names.get_indexer(selected)
-    X = raw.X[:, gene_idx]
-    X = X.toarray() if sparse.issparse(X) else np.asarray(X)
-    var = raw.var.iloc[gene_idx].copy()
-    var.index = pd.Index(selected)
-    adata = AnnData(X=np.ascontiguousarray(X, dtype=np.float32), obs=raw.obs.copy(), var=var)
-    if SPATIAL_KEY in raw.obsm:
-        adata.obsm[SPATIAL_KEY] = np.asarray(raw.obsm[SPATIAL_KEY], dtype=np.float64).copy()
+    adata = stpred_table(sdata, layout, selected)
     attrs = raw.uns.get(TableModel.ATTRS_KEY, {})
-    uns = copy_module.deepcopy(dict(raw.uns.get(UNS_KEY, {})))
+    uns = adata.uns[UNS_KEY]
     uns["genes"] = [str(g) for g in selected]
     uns["gene_selection"] = {
         "flavor": flavor,
