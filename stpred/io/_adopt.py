@@ -50,8 +50,9 @@ _VISIUM_SUFFIXES = ("_full_image", "_hires_image", "_lowres_image")
 #: Images of a scanpy/squidpy AnnData, in order of preference.
 _LEGACY_IMAGES = ("hires", "lowres")
 
-# view SpatialData -> the AnnData it was made from (identity only: lets caches follow the user's object)
-_ORIGIN: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+# view SpatialData -> the AnnData it was made from (identity only: lets caches follow the user's object); the
+# view is a key (hashable), the AnnData a weak value
+_ORIGIN: weakref.WeakKeyDictionary[Any, weakref.ref] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -712,13 +713,15 @@ def anndata_view(adata: AnnData, *, section_key: str | None = None) -> SpatialDa
     table = AnnData(X=adata.X, obs=obs, var=adata.var, obsm=dict(adata.obsm), layers=dict(adata.layers), uns=uns)
     table = TableModel.parse(table, region=sorted(shapes), region_key="region", instance_key="spot_id")
     view = SpatialData(images=images, shapes=shapes, tables={RAW_TABLE: table})
-    _ORIGIN[view] = adata
+    _ORIGIN[view] = weakref.ref(adata)
     return view
 
 
 def cache_owner(sdata: Any) -> Any:
     """The user's object behind ``sdata`` (the AnnData behind a view), for caches that follow it."""
-    return _ORIGIN.get(sdata, sdata)
+    ref = _ORIGIN.get(sdata)
+    owner = ref() if ref is not None else None
+    return sdata if owner is None else owner
 
 
 __all__ = ["Layout", "SectionLayout", "adopt", "resolve"]
@@ -790,21 +793,24 @@ def _write_back(view: SpatialData, adata: AnnData) -> None:
     adata.uns[UNS_KEY] = entry
 
 
-def accepts_anndata(func: F) -> F:
+def accepts_anndata(func: F | None = None, *, table_ok: bool = False) -> Any:
     """Let a public function taking ``sdata`` take an AnnData in scanpy's Visium layout too.
 
     The function runs on a SpatialData view of the AnnData (:func:`anndata_view`, with the ``stpred`` table
     rebuilt from earlier results); on success its results are written back into the AnnData: the ``stpred``
     table's layers as ``obsm["stpred_<layer>"]`` DataFrames (genes as columns), its embeddings under their own
     ``obsm`` keys, and its ``uns["stpred"]`` under ``uns["stpred"]["table"]``. A failed call writes nothing.
-    ``copy=True`` runs on ``adata.copy()`` and returns that AnnData.
+    ``copy=True`` runs on ``adata.copy()`` and returns that AnnData. With ``table_ok=True`` an AnnData without
+    ``uns["spatial"]`` is handed to the function as it is (functions that also take the ``stpred`` table itself).
     """
+    if func is None:
+        return functools.partial(accepts_anndata, table_ok=table_ok)
 
     @functools.wraps(func)
     def wrapper(sdata: Any, *args: Any, **kwargs: Any) -> Any:
         from anndata import AnnData
 
-        if not isinstance(sdata, AnnData):
+        if not isinstance(sdata, AnnData) or (table_ok and "spatial" not in sdata.uns):
             return func(sdata, *args, **kwargs)
         target = sdata
         if kwargs.get("copy") is True:

@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE, TARGET_LAYER, image_key
+from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE, TARGET_LAYER
 from .._docs import doc_params, doc_sdata
 from .._sections import section_names
 from .._validate import check_sections, get_table
+from ..io._adopt import accepts_anndata
 from ._utils import (
     check_axes,
     doc_show_save,
@@ -167,6 +168,7 @@ def _scale_label(table: AnnData) -> str:
     return {"log_share": "ln share (log_share)", "log1p": "log1p(counts)"}.get(str(method), "expression")
 
 
+@accepts_anndata
 @doc_params(sdata=doc_sdata, show_save=doc_show_save)
 def spatial(
     sdata: SpatialData,
@@ -253,7 +255,7 @@ def spatial(
     for r, row in enumerate(rows):
         radius, bbox = frames[row.section]
         if img and row.section not in images:
-            images[row.section] = section_image(sdata, image_key(row.section), bbox=bbox)
+            images[row.section] = _section_image(sdata, table_key, row.section, bbox)
         norm = mpl.colors.Normalize(vmin=row.vmin, vmax=row.vmax)
         coll = None
         for c, layer in enumerate(layers):
@@ -273,3 +275,13 @@ def spatial(
         cbar.set_label(scale, fontsize="small")
         cbar.ax.tick_params(labelsize="small")
     return finish(fig, fig, show=show, save=save)
+
+
+def _section_image(sdata: SpatialData, table_key: str, section: str, bbox: tuple[float, float, float, float]) -> Any:
+    """The H&E of ``section`` under ``bbox`` (spot coordinates), found through the recorded layout."""
+    from ..io._adopt import section_image_key, section_image_scale
+
+    table = sdata.tables[table_key]
+    return section_image(
+        sdata, section_image_key(table, section), bbox=bbox, scale=section_image_scale(table, section)
+    )

@@ -19,6 +19,7 @@ from .._constants import STPRED_TABLE
 from .._docs import doc_params, doc_sdata
 from .._provenance import plain, record, stpred_uns
 from .._validate import check_one_of, get_table
+from ..io._adopt import accepts_anndata
 
 if TYPE_CHECKING:
     import os
@@ -400,6 +401,7 @@ def _describe(fields: dict[str, Any]) -> str:
     )
 
 
+@accepts_anndata
 @doc_params(sdata=doc_sdata)
 def embed(
     sdata: SpatialData,

@@ -12,6 +12,7 @@ from .._constants import STPRED_TABLE, TARGET_LAYER, UNS_KEY
 from .._docs import doc_params, doc_sdata
 from .._provenance import record, stpred_uns
 from .._validate import check_one_of, get_table
+from ..io._adopt import accepts_anndata
 from ._inplace import check_copy_inplace, table_copy
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ def _target(X: np.ndarray | sparse.spmatrix, method: str, *, name: str) -> np.nd
     return out
 
 
+@accepts_anndata
 @doc_params(sdata=doc_sdata)
 def normalize(
     sdata: SpatialData,

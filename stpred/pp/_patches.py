@@ -40,7 +40,18 @@ _FORMAT_VERSION = 1
 # In-memory cache only: user's object -> banks cut from it (latest last); entries die with the object. Nothing
 # depends on it: `get_patch_bank` rebuilds a missing bank from `uns["stpred"]["patches"]` (its saved store, else
 # the recorded recipe), so a reloaded object in a new process finds its patches again.
-_CACHE: weakref.WeakKeyDictionary[Any, list[PatchBank]] = weakref.WeakKeyDictionary()
+# Keyed by id() with a weak reference that drops the entry (AnnData is not hashable).
+_CACHE: dict[int, tuple[weakref.ref, list[PatchBank]]] = {}
+
+
+def _cached(owner: Any) -> list[PatchBank]:
+    entry = _CACHE.get(id(owner))
+    return list(entry[1]) if entry is not None and entry[0]() is owner else []
+
+
+def _cache(owner: Any, banks: list[PatchBank]) -> None:
+    key = id(owner)
+    _CACHE[key] = (weakref.ref(owner, lambda _ref, key=key: _CACHE.pop(key, None)), banks)
 
 
 @dataclass(eq=False)
@@ -301,9 +312,9 @@ def _same_geometry(entry: Any, bank: PatchBank) -> bool:
 
 def _register(sdata: SpatialData, bank: PatchBank) -> None:
     owner = cache_owner(sdata)
-    banks = [b for b in _CACHE.get(owner, []) if not _same_shape(b, bank)]
+    banks = [b for b in _cached(owner) if not _same_shape(b, bank)]
     banks.append(bank)
-    _CACHE[owner] = banks
+    _cache(owner, banks)
     bank._owner = weakref.ref(sdata)
 
 
@@ -340,7 +351,7 @@ def get_patch_bank(sdata: SpatialData, *, size: int | None = None, context_size:
     def fits(b: PatchBank) -> bool:
         return (size is None or b.size == size) and (context_size is None or b.context_size == context_size)
 
-    cached = _CACHE.get(cache_owner(sdata), [])
+    cached = _cached(cache_owner(sdata))
     candidates = [b for b in cached if fits(b)]
     for bank in reversed(candidates):
         try:

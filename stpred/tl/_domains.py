@@ -13,6 +13,7 @@ from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE
 from .._docs import doc_params, doc_sdata
 from .._provenance import plain, record, stpred_uns
 from .._validate import check_positive, get_table
+from ..io._adopt import accepts_anndata
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -130,6 +131,7 @@ def spatial_graph(table: AnnData, *, mask: np.ndarray | None = None, n_neighs: i
 
 
 # --------------------------------------------------------------------------------------------------- domains
+@accepts_anndata
 @doc_params(sdata=doc_sdata, table_key=_doc_table_key, n_neighs=_doc_n_neighs)
 def domains(
     sdata: SpatialData,

@@ -13,6 +13,7 @@ from .._constants import SECTION_KEY, STPRED_TABLE, TARGET_LAYER, UNS_KEY
 from .._docs import doc_params, doc_sdata
 from .._provenance import plain, stpred_uns
 from .._validate import check_one_of, check_sections
+from ..io._adopt import accepts_anndata
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -224,6 +225,7 @@ def _predicted_sections(pred: np.ndarray, sec: np.ndarray) -> list[str]:
     return [s for s in dict.fromkeys(sec.tolist()) if has[sec == s].any()]
 
 
+@accepts_anndata(table_ok=True)
 @doc_params(sdata=doc_sdata)
 def evaluate(
     sdata: SpatialData | AnnData,

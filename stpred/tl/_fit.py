@@ -18,7 +18,8 @@ from .._docs import doc_params, doc_sdata
 from .._provenance import plain, record, stpred_uns, versions
 from .._sections import rows_of, section_names
 from .._validate import check_sections, get_table
-from ._predictor import Predictor, register_fitted
+from ..io._adopt import accepts_anndata
+from ._predictor import Predictor
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -42,6 +43,7 @@ _MOVED = {
 _DIRECT = ("max_epochs", "batch_size", "lr")
 
 
+@accepts_anndata
 @doc_params(sdata=doc_sdata)
 def fit(
     sdata: SpatialData,
@@ -109,9 +111,11 @@ def fit(
 
     Returns
     -------
-    The fitted :class:`~stpred.tl.Predictor`. Also records the fit under
-    ``sdata.tables["stpred"].uns["stpred"]["models"][model]`` and remembers the predictor, so that
-    ``stpred.tl.predict(sdata, model=model)`` uses it.
+    The fitted :class:`~stpred.tl.Predictor`, saved to a folder (``trainer_kwargs["default_root_dir"]``; else,
+    for a zarr-backed object, ``<store>.stpred/models/<model>`` next to the store; else a new temporary
+    directory) recorded with the fit under ``sdata.tables["stpred"].uns["stpred"]["models"][model]["checkpoint"]``,
+    so that ``stpred.tl.predict(sdata, model=model)`` finds it, also after ``sdata.write`` and
+    ``spatialdata.read_zarr`` in a new process.
 
     Examples
     --------
@@ -143,7 +147,13 @@ def fit(
     )
     table = get_table(sdata, table_key)
     name, info = predictor.name, predictor.info
-    register_fitted(sdata, predictor)
+    # the crop recipe, so that a section read on its own is cut the same way at prediction time
+    info["patches"] = plain(stpred_uns(table).get("patches"))
+    backing = getattr(sdata, "path", None)
+    if backing is not None and not dict(trainer_kwargs or {}).get("default_root_dir"):
+        # a zarr-backed object: keep the predictor next to the store, where a later session looks for it
+        info["checkpoint"] = str(Path(f"{backing}.stpred") / "models" / name)
+    predictor.save(info["checkpoint"], overwrite=True)
     models = dict(stpred_uns(table).get("models", {}))
     models[name] = plain({**info, "genes": predictor.genes, "normalize": predictor.normalize})
     table.uns[UNS_KEY]["models"] = models

@@ -12,12 +12,14 @@ from .._docs import doc_overwrite, doc_params, doc_sdata
 from .._provenance import plain, record, stpred_uns
 from .._sections import section_names
 from .._validate import check_sections, get_table
+from ..io._adopt import accepts_anndata
 from ._predictor import Predictor, resolve_predictor
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 
+@accepts_anndata
 @doc_params(sdata=doc_sdata, overwrite=doc_overwrite)
 def predict(
     sdata: SpatialData,
@@ -37,8 +39,13 @@ def predict(
     ----------
     {sdata}
     model
-        A model name fitted on this object with :func:`stpred.tl.fit`, a :class:`~stpred.tl.Predictor`, or the
-        directory of a saved predictor.
+        A model name fitted on this object with :func:`stpred.tl.fit` (found through the checkpoint recorded in
+        ``uns["stpred"]["models"]``, also after a zarr round trip), a :class:`~stpred.tl.Predictor`, or the
+        directory of a saved predictor. An object that has no ``table_key`` table yet (a section read on its
+        own, never part of training) gets one: the predictor's genes (a :class:`KeyError` names any absent from
+        the raw table's ``var_names``), their measured counts normalised with the predictor's recipe into
+        ``layers["target"]`` (so :func:`stpred.tl.evaluate` can score them), and the crops the model reads cut at
+        the training resolution; ``uns["stpred"]["made_for"]`` names the predictor.
     sections
         Sections to predict (``None``: all). Rows of other sections are NaN in the new layer.
     key_added
@@ -64,8 +71,68 @@ def predict(
     >>> stpred.tl.predict(sdata, "hifusion", sections=["S2"])
     >>> sdata.tables["stpred"].layers["stpred_hifusion"]
     """
-    table = get_table(sdata, table_key, made_by="pp.select_genes")
     predictor = resolve_predictor(sdata, model, table_key=table_key)
+    created = table_key not in getattr(sdata, "tables", {})
+    if created:
+        _prediction_table(sdata, predictor, table_key=table_key)
+    try:
+        _predict(sdata, predictor, sections=sections, key_added=key_added, overwrite=overwrite, table_key=table_key,
+                 batch_size=batch_size, device=device, progress=progress)
+    except BaseException:
+        if created:  # a refused call leaves the object as it was
+            del sdata.tables[table_key]
+        raise
+
+
+def _prediction_table(sdata: SpatialData, predictor: Predictor, *, table_key: str) -> None:
+    """Create the table of a section never seen in training: the predictor's genes, normalised its way, with crops."""
+    from ..io._adopt import resolve
+    from ..pp import extract_patches, normalize, select_genes
+
+    if not hasattr(sdata, "tables"):
+        msg = f"Expected a SpatialData object or an AnnData, found {type(sdata).__name__}."
+        raise TypeError(msg)
+    layout = resolve(sdata)
+    raw = sdata.tables[layout.table_key]
+    var_names = set(map(str, raw.var_names))
+    absent = [g for g in predictor.genes if g not in var_names]
+    if absent:
+        msg = (
+            f"{len(absent)} of the predictor's {len(predictor.genes)} genes are not in `var_names` of table "
+            f"{layout.table_key!r} (first {min(len(absent), 10)}: {absent[:10]}), so this object cannot get a "
+            "prediction table for it. Check that the object uses the same gene names as the training data "
+            "(symbols vs Ensembl ids), or train a predictor on the genes this object measures."
+        )
+        raise KeyError(msg)
+    select_genes(sdata, genes=predictor.genes, table_key=layout.table_key, key_added=table_key)
+    try:
+        normalize(sdata, method=predictor.normalize.get("method", "log_share"), table_key=table_key)
+        table = sdata.tables[table_key]
+        stpred_uns(table)["made_for"] = plain({"model": predictor.name, "checkpoint": predictor.info.get("checkpoint")})
+        crops = getattr(predictor.model, "crop_sizes", (None, None))
+        if set(getattr(predictor.model, "inputs", ())) & {"spot", "context"} and crops[0] is not None:
+            context = crops[1] if "context" in predictor.model.inputs else None
+            mpp = dict(predictor.info.get("patches") or {}).get("mpp")
+            extract_patches(sdata, size=int(crops[0]), context_size=context, mpp=mpp, table_key=table_key,
+                            progress=False)
+    except BaseException:
+        del sdata.tables[table_key]
+        raise
+
+
+def _predict(
+    sdata: SpatialData,
+    predictor: Predictor,
+    *,
+    sections: Sequence[str] | None,
+    key_added: str | None,
+    overwrite: bool,
+    table_key: str,
+    batch_size: int | None,
+    device: str | None,
+    progress: bool,
+) -> None:
+    table = get_table(sdata, table_key, made_by="pp.select_genes")
     key = key_added or prediction_layer(predictor.name)
     if key in table.layers and not overwrite:
         msg = f"Layer {key!r} already exists; pass `overwrite=True` to replace it or choose another `key_added`."
@@ -89,6 +156,7 @@ def predict(
         "train_sections": predictor.info.get("train_sections"),
         "config": predictor.info.get("config"),
         "checkpoint": predictor.info.get("checkpoint"),
+        "n_train_spots": predictor.info.get("n_train_spots"),
         "versions": predictor.info.get("versions"),
     }
     predictions = dict(stpred_uns(table).get("predictions", {}))
