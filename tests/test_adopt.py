@@ -179,10 +179,20 @@ def test_saved_predictor_on_a_section_read_on_its_own(tmp_path):
 
     # genes the new object does not measure: a KeyError naming them, object unchanged
     narrow = _sdio_visium(tmp_path / "c", "P3")
-    narrow.tables["table"] = narrow.tables["table"][:, :1].copy()
-    with pytest.raises(KeyError, match=r"genes are not in `var_names`"):
+    raw = narrow.tables["table"]
+    gone = predictor.genes[0]
+    narrow.tables["table"] = raw[:, raw.var_names != gone].copy()
+    with pytest.raises(KeyError, match=rf"1 of the predictor's 3 genes are not in `var_names`.*{gone}.*missing_genes='nan'"):
         stpred.tl.predict(narrow, model=path, progress=False)
     assert "stpred" not in narrow.tables
+    # ... unless asked to predict them without measured values: counts and targets NaN, predictions not
+    stpred.tl.predict(narrow, model=path, missing_genes="nan", progress=False)
+    table = narrow.tables["stpred"]
+    assert list(table.var_names) == predictor.genes
+    assert np.isnan(table.X[:, 0]).all()
+    assert np.isfinite(table.X[:, 1:]).all()
+    assert np.isfinite(table.layers["stpred_hifusion"]).all()
+    assert table.uns["stpred"]["made_for"]["missing_genes"] == [gone]
 
 
 def test_zarr_round_trip_in_a_new_process(tmp_path, sdata):
@@ -227,3 +237,27 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def test_same_calls_on_a_spatialdata_io_visium_hd_object(tmp_path):
+    import spatialdata_io
+    from test_io_instruments import HD_MPP, _write_visium_hd
+
+    _write_visium_hd(tmp_path / "HD1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdata = spatialdata_io.visium_hd(tmp_path / "HD1", dataset_id="HD1", load_segmentations_only=False)
+    with pytest.raises(KeyError, match=r"No table 'table'.*square_008um"):
+        stpred.pp.select_genes(sdata, n_top=3)  # one table per bin size: name the one to use
+    stpred.io.adopt(sdata, table_key="square_016um")
+    stpred.pp.select_genes(sdata, n_top=3, table_key="square_016um")
+    layout = sdata.tables["stpred"].uns["stpred"]["layout"]
+    sec = layout["sections"]["HD1_square_016um"]
+    assert sec["image"] == "HD1_hires_image"
+    assert sec["mpp"] == pytest.approx(HD_MPP)  # 16 µm bins, 32 full-res px wide
+    stpred.pp.normalize(sdata)
+    stpred.pp.extract_patches(sdata, size=16, context_size=32, mpp=1.0, progress=False)
+    stpred.tl.fit(sdata, "hifusion", **FIT)
+    stpred.tl.predict(sdata, "hifusion", progress=False)
+    scores = stpred.tl.evaluate(sdata, "stpred_hifusion", n_boot=10)
+    assert np.isfinite(scores["value"]).any()

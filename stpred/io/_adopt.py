@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -47,6 +48,8 @@ ANNDATA_TABLE_KEY = "table"
 ANNDATA_LAYERS_KEY = "obsm_layers"
 #: Image names spatialdata-io gives a Visium section, in order of preference (finest first).
 _VISIUM_SUFFIXES = ("_full_image", "_hires_image", "_lowres_image")
+#: spatialdata-io's names of Visium HD bins (``square_008um``): the side in µm.
+_BIN_NAME = re.compile(r"square_0*(\d+)um")
 #: Images of a scanpy/squidpy AnnData, in order of preference.
 _LEGACY_IMAGES = ("hires", "lowres")
 
@@ -147,7 +150,7 @@ class Layout:
         """Section of every row of ``table`` (strings)."""
         if self.section_key is not None:
             return table.obs[self.section_key].astype(str).to_numpy()
-        region_key = _table_attrs(table)[1]
+        region_key = table_attrs(table)[1]
         return table.obs[region_key].astype(str).to_numpy()
 
     def patient_labels(self, table: AnnData, sections: np.ndarray) -> np.ndarray:
@@ -161,7 +164,7 @@ class Layout:
 # small helpers
 
 
-def _table_attrs(table: AnnData) -> tuple[list[str], str, str] | None:
+def table_attrs(table: AnnData) -> tuple[list[str], str, str] | None:
     """``(regions, region_key, instance_key)`` of a table that annotates shapes, else ``None``."""
     from spatialdata.models import TableModel
 
@@ -171,6 +174,13 @@ def _table_attrs(table: AnnData) -> tuple[list[str], str, str] | None:
     region = attrs[TableModel.REGION_KEY]
     regions = [region] if isinstance(region, str) else [str(r) for r in region]
     return regions, str(attrs[TableModel.REGION_KEY_KEY]), str(attrs[TableModel.INSTANCE_KEY])
+
+
+def _labels_or_none(layout: Layout, table: AnnData) -> np.ndarray:
+    try:
+        return layout.section_labels(table)
+    except (KeyError, TypeError):
+        return np.array([], dtype=str)
 
 
 def _per_section(value: str | Mapping[str, str] | None, section: str, name: str) -> str | None:
@@ -278,7 +288,7 @@ def spot_centres(sdata: SpatialData, table: AnnData, rows: np.ndarray, shapes_na
 
     Raises a :class:`ValueError` for spots without coordinates (ids missing from the shapes, empty or NaN geometry).
     """
-    attrs = _table_attrs(table)
+    attrs = table_attrs(table)
     instance_key = attrs[2]
     shapes = sdata.shapes[shapes_name]
     ids = table.obs[instance_key].to_numpy()[rows]
@@ -293,12 +303,13 @@ def spot_centres(sdata: SpatialData, table: AnnData, rows: np.ndarray, shapes_na
         raise ValueError(msg)
     geom = shapes.geometry.iloc[idx]
     empty = geom.is_empty.to_numpy() | geom.isna().to_numpy()
-    if not empty.any() and not (geom.geom_type == "Point").all():
-        geom = geom.centroid  # polygons (square bins, cells): their centre
     xy = np.full((len(ids), 2), np.nan)
     ok = ~empty
     if ok.any():
-        xy[ok] = np.c_[geom[ok].x.to_numpy(), geom[ok].y.to_numpy()]
+        kept = geom[ok]
+        if not (kept.geom_type == "Point").all():
+            kept = kept.centroid  # polygons (square bins, cells): their centre
+        xy[ok] = np.c_[kept.x.to_numpy(), kept.y.to_numpy()]
     bad = ~np.isfinite(xy).all(axis=1)
     if bad.any():
         msg = (
@@ -335,10 +346,15 @@ def resolve(
     recorded = dict(table.uns.get(UNS_KEY, {})).get(LAYOUT_KEY)
     asked = (image_key, shapes_key, section_key, patient_key, spot_diameter_um)
     if recorded and all(v is None for v in asked):
-        return Layout.from_uns(recorded)
+        layout = Layout.from_uns(recorded)
+        if layout.table_key == key and set(_labels_or_none(layout, table)) == set(layout.sections):
+            return layout
+        # rows were added since (e.g. a concatenated section): keep what was named, resolve the rest
+        image_key = {s: v.image for s, v in layout.sections.items()}
+        section_key, patient_key = layout.section_key, layout.patient_key
     if spot_diameter_um is not None:
         check_positive(float(spot_diameter_um), name="spot_diameter_um")
-    attrs = _table_attrs(table)
+    attrs = table_attrs(table)
     if attrs is None:
         msg = (
             f"Table {key!r} annotates no shapes (no `uns['spatialdata_attrs']` region), so its rows have no spots "
@@ -415,15 +431,20 @@ def resolve(
         image, cs = _choose_image(sdata, section, shapes_name, shapes, _per_section(image_key, section, "image_key"))
         matrix = _shapes_to_image(shapes, sdata.images[image], cs)
         scale = math.sqrt(abs(float(np.linalg.det(matrix[:2, :2]))))
-        radius = None
+        radius, default_um = None, VISIUM_SPOT_DIAMETER_UM
         if "radius" in shapes.columns:
             r = np.asarray(shapes["radius"], dtype=np.float64)
             r = r[np.isfinite(r)]
             radius = float(np.median(r)) if len(r) else None
+        elif len(shapes) and (shapes.geometry.geom_type == "Polygon").all():
+            # square bins (spatialdata_io.visium_hd): half the side; the side in µm is in the element's name
+            radius = float(np.median(np.sqrt(shapes.geometry.area.to_numpy()))) / 2.0
+            match = _BIN_NAME.search(shapes_name) or _BIN_NAME.search(key)
+            default_um = float(match.group(1)) if match else None
         mpp = known_mpp.get(section)
         if (mpp is None or not native) and radius is not None and radius > 0:
-            diameter_um = spot_diameter_um or known_diam.get(section) or VISIUM_SPOT_DIAMETER_UM
-            mpp = float(diameter_um) / (2.0 * radius)
+            diameter_um = spot_diameter_um or known_diam.get(section) or default_um
+            mpp = None if diameter_um is None else float(diameter_um) / (2.0 * radius)
         out[section] = SectionLayout(
             image=image, shapes=shapes_name, coordinate_system=cs, mpp=mpp, spot_radius=radius, image_scale=scale
         )
@@ -460,7 +481,8 @@ def adopt(
       ``*_full_image``, ``*_hires_image``, ``*_lowres_image``; otherwise a :class:`ValueError` listing them.
     - **scale**: microns per spot-coordinate unit from ``uns["stpred"]["mpp"]`` (stpred's readers), else from
       the spot radius (shapes column ``radius``) and the spot diameter in µm (``spot_diameter_um``, default
-      55 µm, Visium's); the image's own scale follows from the transformations.
+      55 µm, Visium's), or for square bins (polygons) from their side and the bin size in µm of
+      spatialdata-io's name (``square_016um``); the image's own scale follows from the transformations.
 
     Parameters
     ----------

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE
-from .._docs import doc_params, doc_sdata
+from .._docs import doc_params, doc_sdata_any
 from .._sections import section_names
 from .._validate import check_sections, get_table
 from ..io._adopt import accepts_anndata
@@ -148,7 +148,7 @@ def domains_data(
 
 
 @accepts_anndata
-@doc_params(sdata=doc_sdata, show_save=doc_show_save)
+@doc_params(sdata=doc_sdata_any, show_save=doc_show_save)
 def domains(
     sdata: SpatialData,
     key: str | Sequence[str],

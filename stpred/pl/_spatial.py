@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE, TARGET_LAYER
-from .._docs import doc_params, doc_sdata
+from .._docs import doc_params, doc_sdata_any
 from .._sections import section_names
 from .._validate import check_sections, get_table
 from ..io._adopt import accepts_anndata
@@ -169,7 +169,7 @@ def _scale_label(table: AnnData) -> str:
 
 
 @accepts_anndata
-@doc_params(sdata=doc_sdata, show_save=doc_show_save)
+@doc_params(sdata=doc_sdata_any, show_save=doc_show_save)
 def spatial(
     sdata: SpatialData,
     genes: str | Sequence[str],

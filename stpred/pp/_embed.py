@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .._constants import STPRED_TABLE
-from .._docs import doc_params, doc_sdata
+from .._docs import doc_params, doc_sdata_any
 from .._provenance import plain, record, stpred_uns
 from .._validate import check_one_of, get_table
 from ..io._adopt import accepts_anndata
@@ -402,7 +402,7 @@ def _describe(fields: dict[str, Any]) -> str:
 
 
 @accepts_anndata
-@doc_params(sdata=doc_sdata)
+@doc_params(sdata=doc_sdata_any)
 def embed(
     sdata: SpatialData,
     *,

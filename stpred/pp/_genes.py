@@ -13,7 +13,7 @@ import pandas as pd
 from scipy import sparse
 
 from .._constants import SECTION_KEY, STPRED_TABLE, UNS_KEY
-from .._docs import doc_overwrite, doc_params, doc_sdata, doc_sections, doc_table_key
+from .._docs import doc_overwrite, doc_params, doc_sdata_any, doc_sections, doc_table_key
 from .._provenance import record
 from .._validate import check_one_of, check_positive, check_sections, get_table
 from ..io._adopt import accepts_anndata, resolve, stpred_table
@@ -181,7 +181,7 @@ def _explicit_genes(raw: AnnData, genes: Sequence[str], shared: np.ndarray) -> n
 
 
 @accepts_anndata
-@doc_params(sdata=doc_sdata, sections=doc_sections, table_key=doc_table_key, overwrite=doc_overwrite)
+@doc_params(sdata=doc_sdata_any, sections=doc_sections, table_key=doc_table_key, overwrite=doc_overwrite)
 def select_genes(
     sdata: SpatialData,
     *,

@@ -9,7 +9,7 @@ import numpy as np
 from scipy import sparse
 
 from .._constants import STPRED_TABLE, TARGET_LAYER, UNS_KEY
-from .._docs import doc_params, doc_sdata
+from .._docs import doc_params, doc_sdata_any
 from .._provenance import record, stpred_uns
 from .._validate import check_one_of, get_table
 from ..io._adopt import accepts_anndata
@@ -49,7 +49,7 @@ def _target(X: np.ndarray | sparse.spmatrix, method: str, *, name: str) -> np.nd
 
 
 @accepts_anndata
-@doc_params(sdata=doc_sdata)
+@doc_params(sdata=doc_sdata_any)
 def normalize(
     sdata: SpatialData,
     *,

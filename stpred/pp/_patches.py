@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 
 from .._constants import INSTANCE_KEY, REGION_KEY, SECTION_KEY, STPRED_TABLE
-from .._docs import doc_params, doc_sdata, doc_sections
+from .._docs import doc_params, doc_sdata_any, doc_sections
 from .._provenance import plain, record, stpred_uns
 from .._sections import section_names
 from .._validate import check_positive, check_sections, get_table
-from ..io._adopt import accepts_anndata, cache_owner, section_image_key
+from ..io._adopt import accepts_anndata, cache_owner, section_image_key, table_attrs
 
 if TYPE_CHECKING:
     import os
@@ -466,9 +466,11 @@ def _plan_section(
     image = sdata.images[key]
     levels = _levels(image)
     obs = table.obs.iloc[rows]
-    regions = obs[REGION_KEY].astype(str).to_numpy() if REGION_KEY in obs else None
-    if regions is None or INSTANCE_KEY not in obs:
-        msg = f"The table needs `obs[{REGION_KEY!r}]` and `obs[{INSTANCE_KEY!r}]` to find the spots; found {list(obs.columns)}."
+    attrs = table_attrs(table)  # the table's own region and instance columns (stpred's readers: region, spot_id)
+    region_key, instance_key = (attrs[1], attrs[2]) if attrs is not None else (REGION_KEY, INSTANCE_KEY)
+    regions = obs[region_key].astype(str).to_numpy() if region_key in obs else None
+    if regions is None or instance_key not in obs:
+        msg = f"The table needs `obs[{region_key!r}]` and `obs[{instance_key!r}]` to find the spots; found {list(obs.columns)}."
         raise KeyError(msg)
     # spot centres (shapes coordinates) and the shapes→scale0 matrix; one shapes element per section is the contract,
     # but any number is handled
@@ -476,16 +478,16 @@ def _plan_section(
     matrices = {}
     for region in pd.unique(regions):
         if region not in sdata.shapes:
-            msg = f"No shapes {region!r} (named in `obs[{REGION_KEY!r}]`) in `sdata.shapes`; found {sorted(sdata.shapes)}."
+            msg = f"No shapes {region!r} (named in `obs[{region_key!r}]`) in `sdata.shapes`; found {sorted(sdata.shapes)}."
             raise KeyError(msg)
         shapes = sdata.shapes[region]
         sel = regions == region
-        ids = obs[INSTANCE_KEY].to_numpy()[sel]
+        ids = obs[instance_key].to_numpy()[sel]
         try:
             geom = shapes.geometry.loc[ids]
         except KeyError:
             msg = (
-                f"Some `obs[{INSTANCE_KEY!r}]` values of section {section!r} are not in the index of shapes {region!r}."
+                f"Some `obs[{instance_key!r}]` values of section {section!r} are not in the index of shapes {region!r}."
             )
             raise KeyError(msg) from None
         if not (geom.geom_type == "Point").all():
@@ -679,7 +681,7 @@ def _cut(
 
 
 @accepts_anndata
-@doc_params(sdata=doc_sdata, sections=doc_sections)
+@doc_params(sdata=doc_sdata_any, sections=doc_sections)
 def extract_patches(
     sdata: SpatialData,
     *,

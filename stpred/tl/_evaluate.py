@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SECTION_KEY, STPRED_TABLE, TARGET_LAYER, UNS_KEY
-from .._docs import doc_params, doc_sdata
+from .._docs import doc_params, doc_sdata_any
 from .._provenance import plain, stpred_uns
 from .._validate import check_one_of, check_sections
 from ..io._adopt import accepts_anndata
@@ -226,7 +226,7 @@ def _predicted_sections(pred: np.ndarray, sec: np.ndarray) -> list[str]:
 
 
 @accepts_anndata(table_ok=True)
-@doc_params(sdata=doc_sdata)
+@doc_params(sdata=doc_sdata_any)
 def evaluate(
     sdata: SpatialData | AnnData,
     key: str,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .._constants import PATIENT_KEY, STPRED_TABLE, TARGET_LAYER, UNS_KEY, BatchKeys
-from .._docs import doc_params, doc_sdata
+from .._docs import doc_params, doc_sdata_any
 from .._provenance import plain, record, stpred_uns, versions
 from .._sections import rows_of, section_names
 from .._validate import check_sections, get_table
@@ -44,7 +44,7 @@ _DIRECT = ("max_epochs", "batch_size", "lr")
 
 
 @accepts_anndata
-@doc_params(sdata=doc_sdata)
+@doc_params(sdata=doc_sdata_any)
 def fit(
     sdata: SpatialData,
     model: str = "hifusion",

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pandas as pd
 
-from .._constants import STPRED_TABLE, UNS_KEY, prediction_layer
-from .._docs import doc_overwrite, doc_params, doc_sdata
+from .._constants import STPRED_TABLE, TARGET_LAYER, UNS_KEY, prediction_layer
+from .._docs import doc_overwrite, doc_params, doc_sdata_any
 from .._provenance import plain, record, stpred_uns
 from .._sections import section_names
-from .._validate import check_sections, get_table
+from .._validate import check_one_of, check_sections, get_table
 from ..io._adopt import accepts_anndata
 from ._predictor import Predictor, resolve_predictor
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 
 @accepts_anndata
-@doc_params(sdata=doc_sdata, overwrite=doc_overwrite)
+@doc_params(sdata=doc_sdata_any, overwrite=doc_overwrite)
 def predict(
     sdata: SpatialData,
     model: str | Predictor | Any = "hifusion",
@@ -29,6 +30,7 @@ def predict(
     key_added: str | None = None,
     overwrite: bool = False,
     table_key: str = STPRED_TABLE,
+    missing_genes: Literal["raise", "nan"] = "raise",
     batch_size: int | None = None,
     device: str | None = None,
     progress: bool = True,
@@ -53,6 +55,11 @@ def predict(
     {overwrite}
     table_key
         Name of the ``stpred`` table.
+    missing_genes
+        Only used when the table is created for a new object. ``"raise"``: a :class:`KeyError` names the
+        predictor's genes absent from the raw table. ``"nan"``: predict them anyway; their counts are NaN
+        (missing, not zero), and so are their targets (with ``"log_share"``, whose denominator sums over every
+        gene, all targets are NaN: only the predictions are meaningful then).
     batch_size
         Spots per inference batch.
     device
@@ -73,8 +80,9 @@ def predict(
     """
     predictor = resolve_predictor(sdata, model, table_key=table_key)
     created = table_key not in getattr(sdata, "tables", {})
+    check_one_of(missing_genes, ("raise", "nan"), name="missing_genes")
     if created:
-        _prediction_table(sdata, predictor, table_key=table_key)
+        _prediction_table(sdata, predictor, table_key=table_key, missing_genes=missing_genes)
     try:
         _predict(sdata, predictor, sections=sections, key_added=key_added, overwrite=overwrite, table_key=table_key,
                  batch_size=batch_size, device=device, progress=progress)
@@ -84,7 +92,7 @@ def predict(
         raise
 
 
-def _prediction_table(sdata: SpatialData, predictor: Predictor, *, table_key: str) -> None:
+def _prediction_table(sdata: SpatialData, predictor: Predictor, *, table_key: str, missing_genes: str) -> None:
     """Create the table of a section never seen in training: the predictor's genes, normalised its way, with crops."""
     from ..io._adopt import resolve
     from ..pp import extract_patches, normalize, select_genes
@@ -96,28 +104,65 @@ def _prediction_table(sdata: SpatialData, predictor: Predictor, *, table_key: st
     raw = sdata.tables[layout.table_key]
     var_names = set(map(str, raw.var_names))
     absent = [g for g in predictor.genes if g not in var_names]
-    if absent:
+    if absent and (missing_genes == "raise" or len(absent) == len(predictor.genes)):
+        opt = " or pass `missing_genes='nan'` to predict them without measured values" if missing_genes == "raise" else ""
         msg = (
             f"{len(absent)} of the predictor's {len(predictor.genes)} genes are not in `var_names` of table "
-            f"{layout.table_key!r} (first {min(len(absent), 10)}: {absent[:10]}), so this object cannot get a "
-            "prediction table for it. Check that the object uses the same gene names as the training data "
-            "(symbols vs Ensembl ids), or train a predictor on the genes this object measures."
+            f"{layout.table_key!r} (first {min(len(absent), 10)}: {absent[:10]}). Check that the object uses the "
+            f"same gene names as the training data (symbols vs Ensembl ids){opt}."
         )
         raise KeyError(msg)
-    select_genes(sdata, genes=predictor.genes, table_key=layout.table_key, key_added=table_key)
+    method = predictor.normalize.get("method", "log_share")
+    if not absent:
+        select_genes(sdata, genes=predictor.genes, table_key=layout.table_key, key_added=table_key)
+    else:
+        _table_with_missing(sdata, predictor, absent, layout.table_key, table_key, method)
     try:
-        normalize(sdata, method=predictor.normalize.get("method", "log_share"), table_key=table_key)
+        if not absent:
+            normalize(sdata, method=method, table_key=table_key)
         table = sdata.tables[table_key]
-        stpred_uns(table)["made_for"] = plain({"model": predictor.name, "checkpoint": predictor.info.get("checkpoint")})
+        made_for = {"model": predictor.name, "checkpoint": predictor.info.get("checkpoint"), "missing_genes": absent}
+        stpred_uns(table)["made_for"] = plain(made_for)
         crops = getattr(predictor.model, "crop_sizes", (None, None))
         if set(getattr(predictor.model, "inputs", ())) & {"spot", "context"} and crops[0] is not None:
             context = crops[1] if "context" in predictor.model.inputs else None
             mpp = dict(predictor.info.get("patches") or {}).get("mpp")
-            extract_patches(sdata, size=int(crops[0]), context_size=context, mpp=mpp, table_key=table_key,
-                            progress=False)
+            extract_patches(
+                sdata, size=int(crops[0]), context_size=context, mpp=mpp, table_key=table_key, progress=False
+            )
     except BaseException:
         del sdata.tables[table_key]
         raise
+
+
+def _table_with_missing(
+    sdata: SpatialData, predictor: Predictor, absent: list[str], raw_key: str, table_key: str, method: str
+) -> None:
+    """The prediction table when some of the predictor's genes are not measured: their counts and targets NaN."""
+    from anndata import AnnData
+    from spatialdata.models import TableModel
+
+    from ..pp import select_genes
+    from ..pp._normalize import _transform
+
+    present = [g for g in predictor.genes if g not in set(absent)]
+    part = select_genes(sdata, genes=present, table_key=raw_key, key_added=table_key, inplace=False)
+    X = np.full((part.n_obs, len(predictor.genes)), np.nan, dtype=np.float32)
+    cols = [predictor.genes.index(g) for g in present]
+    X[:, cols] = np.asarray(part.X, dtype=np.float32)
+    uns = {k: v for k, v in part.uns.items() if k != TableModel.ATTRS_KEY}
+    table = AnnData(X=X, obs=part.obs.copy(), obsm=dict(part.obsm), uns=uns)
+    table.var_names = pd.Index(predictor.genes)
+    table.layers[TARGET_LAYER] = _transform(X, method).astype(np.float32)
+    stpred_uns(table)["genes"] = list(predictor.genes)
+    stpred_uns(table)["normalize"] = {"method": method}
+    attrs = part.uns[TableModel.ATTRS_KEY]
+    sdata.tables[table_key] = TableModel.parse(
+        table,
+        region=attrs[TableModel.REGION_KEY],
+        region_key=attrs[TableModel.REGION_KEY_KEY],
+        instance_key=attrs[TableModel.INSTANCE_KEY],
+    )
 
 
 def _predict(
