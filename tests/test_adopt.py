@@ -86,6 +86,16 @@ def test_same_calls_on_a_spatialdata_io_visium_object(tmp_path):
     hires = np.asarray(sdata.images["V1_hires_image"].data)
     x, y = (np.asarray(table.obsm["spatial"][0]) * 0.25).astype(int)
     np.testing.assert_array_equal(bank.spot[0], hires[:, y - 2 : y + 2, x - 2 : x + 2])
+    # plots put the hires image under the spots (extent in full-resolution pixels, the spot coordinates)
+    import matplotlib.pyplot as plt
+
+    from stpred.pl._spatial import _section_image
+
+    rgb, extent = _section_image(sdata, "stpred", "V1", (0.0, 0.0, 400.0, 400.0))
+    assert rgb.shape[:2] == (100, 100)
+    assert extent == pytest.approx((0.0, 400.0, 400.0, 0.0))
+    fig = stpred.pl.spatial(sdata, list(table.var_names[:1]), layers=["target", "stpred_hifusion"], show=False)
+    plt.close(fig)
 
 
 def test_same_calls_on_a_scanpy_anndata(tmp_path):
@@ -102,6 +112,9 @@ def test_same_calls_on_a_scanpy_anndata(tmp_path):
     assert list(pred.columns) == adata.uns["stpred"]["table"]["genes"]
     assert "stpred_target" in adata.obsm
     assert adata.uns["stpred"]["table"]["models"]["hifusion"]["checkpoint"]
+    import matplotlib.pyplot as plt
+
+    plt.close(stpred.pl.spatial(adata, list(pred.columns[:1]), show=False))
 
 
 def test_same_calls_on_an_stpred_reader_object(tmp_path):
@@ -195,7 +208,8 @@ def test_saved_predictor_on_a_section_read_on_its_own(tmp_path):
     assert table.uns["stpred"]["made_for"]["missing_genes"] == [gone]
 
 
-def test_zarr_round_trip_in_a_new_process(tmp_path, sdata):
+def test_zarr_round_trip_in_a_new_process(tmp_path):
+    sdata = stpred.datasets.synthetic(n_sections=2, n_genes=8, grid=6, pitch=32)
     stpred.pp.select_genes(sdata, n_top=4)
     stpred.pp.normalize(sdata)
     stpred.pp.extract_patches(sdata, size=16, context_size=32, progress=False)
