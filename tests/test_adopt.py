@@ -115,6 +115,9 @@ def test_same_calls_on_a_scanpy_anndata(tmp_path):
     import matplotlib.pyplot as plt
 
     plt.close(stpred.pl.spatial(adata, list(pred.columns[:1]), show=False))
+    stpred.tl.domains(adata, layer="stpred_hifusion", n_domains=2, n_pcs=2)
+    assert adata.obs["domains_stpred_hifusion"].notna().all()  # added to the user's obs, as squidpy does
+    assert "X_pca_domains_stpred_hifusion" in adata.obsm
 
 
 def test_same_calls_on_an_stpred_reader_object(tmp_path):

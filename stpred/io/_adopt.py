@@ -806,6 +806,11 @@ def _write_back(view: SpatialData, adata: AnnData) -> None:
             values = values.toarray() if hasattr(values, "toarray") else np.asarray(values)
             adata.obsm[key] = pd.DataFrame(values, index=adata.obs_names, columns=genes)
             layers[key] = layer
+        # obs columns the call added (e.g. tl.domains labels), as squidpy adds its results to obs
+        raw_obs = view.tables[RAW_TABLE].obs
+        for column in table.obs.columns:
+            if column not in raw_obs.columns and column not in (SECTION_KEY, PATIENT_KEY):
+                adata.obs[column] = table.obs[column].to_numpy()
         obsm_keys = [k for k in table.obsm if k != SPATIAL_KEY]
         for key in obsm_keys:
             adata.obsm[key] = np.asarray(table.obsm[key])
@@ -821,7 +826,8 @@ def accepts_anndata(func: F | None = None, *, table_ok: bool = False) -> Any:
     The function runs on a SpatialData view of the AnnData (:func:`anndata_view`, with the ``stpred`` table
     rebuilt from earlier results); on success its results are written back into the AnnData: the ``stpred``
     table's layers as ``obsm["stpred_<layer>"]`` DataFrames (genes as columns), its embeddings under their own
-    ``obsm`` keys, and its ``uns["stpred"]`` under ``uns["stpred"]["table"]``. A failed call writes nothing.
+    ``obsm`` keys, ``obs`` columns it added (domain labels) as ``obs`` columns, and its ``uns["stpred"]`` under
+    ``uns["stpred"]["table"]``. A failed call writes nothing.
     ``copy=True`` runs on ``adata.copy()`` and returns that AnnData. With ``table_ok=True`` an AnnData without
     ``uns["spatial"]`` is handed to the function as it is (functions that also take the ``stpred`` table itself).
     """
