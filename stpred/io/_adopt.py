@@ -206,6 +206,9 @@ def _choose_table(sdata: SpatialData, table_key: str | None) -> str:
             raise KeyError(msg)
         return table_key
     candidates = [t for t in tables if t != STPRED_TABLE]
+    adopted = [t for t in candidates if dict(sdata.tables[t].uns.get(UNS_KEY, {})).get(LAYOUT_KEY)]
+    if len(adopted) == 1:
+        return adopted[0]  # the table `adopt` recorded a layout in
     if RAW_TABLE in candidates:
         return RAW_TABLE
     if len(candidates) == 1:
@@ -215,6 +218,15 @@ def _choose_table(sdata: SpatialData, table_key: str | None) -> str:
         "Pass `table_key=` to `stpred.io.adopt(sdata, table_key=...)`."
     )
     raise ValueError(msg)
+
+
+def raw_table_key(sdata: SpatialData) -> str:
+    """The raw-count table of ``sdata``.
+
+    The one :func:`adopt` recorded a layout in, else ``"table"``, else the only table other than ``"stpred"``; a
+    :class:`ValueError` lists the tables when that is ambiguous.
+    """
+    return _choose_table(sdata, None)
 
 
 def _choose_image(sdata: SpatialData, section: str, shapes_name: str, shapes: Any, given: str | None) -> tuple[str, str]:
@@ -470,8 +482,8 @@ def adopt(
 
     Rules, in order:
 
-    - **table**: ``table_key``; else ``"table"``; else the only table other than ``"stpred"``. It must annotate
-      shapes (spatialdata's ``region``/``region_key``/``instance_key``).
+    - **table**: ``table_key``; else the one table a layout was recorded in; else ``"table"``; else the only
+      table other than ``"stpred"``. It must annotate shapes (spatialdata's ``region``/``region_key``/``instance_key``).
     - **sections**: the values of ``obs[section_key]``; else of ``obs["section"]`` (stpred's readers); else each
       annotated shapes element is one section (named like it), as :func:`spatialdata_io.visium` writes one
       element per library.

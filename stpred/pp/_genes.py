@@ -13,10 +13,10 @@ import pandas as pd
 from scipy import sparse
 
 from .._constants import SECTION_KEY, STPRED_TABLE, UNS_KEY
-from .._docs import doc_overwrite, doc_params, doc_sdata_any, doc_sections, doc_table_key
+from .._docs import doc_overwrite, doc_params, doc_sdata_any, doc_sections
 from .._provenance import record
 from .._validate import check_one_of, check_positive, check_sections, get_table
-from ..io._adopt import accepts_anndata, resolve, stpred_table
+from ..io._adopt import accepts_anndata, raw_table_key, resolve, stpred_table
 from ._inplace import check_copy_inplace, table_copy
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ def _explicit_genes(raw: AnnData, genes: Sequence[str], shared: np.ndarray) -> n
 
 
 @accepts_anndata
-@doc_params(sdata=doc_sdata_any, sections=doc_sections, table_key=doc_table_key, overwrite=doc_overwrite)
+@doc_params(sdata=doc_sdata_any, sections=doc_sections, overwrite=doc_overwrite)
 def select_genes(
     sdata: SpatialData,
     *,
@@ -190,7 +190,7 @@ def select_genes(
     genes: Sequence[str] | None = None,
     exclude: GeneFilter | None = None,
     sections: Sequence[str] | None = None,
-    table_key: str = "table",
+    table_key: str | None = None,
     key_added: str = STPRED_TABLE,
     overwrite: bool = False,
     inplace: bool = True,
@@ -233,7 +233,9 @@ def select_genes(
         to be stricter). The rule and the number of excluded genes are recorded.
     {sections}
         Pass only the training sections to keep the test sections out of the gene choice.
-    {table_key}
+    table_key
+        Name of the raw-count table; ``None``: the one recorded by :func:`stpred.io.adopt`, else ``"table"``,
+        else the only table (other than ``"stpred"``).
     key_added
         Name of the table to create.
     {overwrite}
@@ -267,6 +269,8 @@ def select_genes(
     from spatialdata.models import TableModel
 
     check_copy_inplace(copy=copy, inplace=inplace)
+    if table_key is None and hasattr(sdata, "tables"):
+        table_key = raw_table_key(sdata)
     try:
         raw = get_table(sdata, table_key)
     except KeyError as err:
