@@ -173,6 +173,13 @@ def test_adopt_rules_and_bad_input(tmp_path):
     two.uns["spatial"]["V2"] = two.uns["spatial"]["V1"]
     with pytest.raises(ValueError, match="pass `section_key=`"):
         stpred.pp.select_genes(two, n_top=2)
+    assert "stpred" not in two.uns
+    two.obs["library_id"] = pd.Categorical(["V1"] * 6 + ["V2"] * 6)
+    layout = stpred.io.adopt(two, section_key="library_id")  # squidpy's library_key, named once
+    assert sorted(layout.sections) == ["V1", "V2"]
+    assert layout.sections["V2"].image == "V2_hires"
+    stpred.pp.select_genes(two, n_top=2)
+    assert two.uns["stpred"]["table"]["gene_selection"]["sections"] == ["V1", "V2"]
 
 
 def test_saved_predictor_on_a_section_read_on_its_own(tmp_path):
