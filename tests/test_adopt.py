@@ -182,6 +182,18 @@ def test_adopt_rules_and_bad_input(tmp_path):
     assert two.uns["stpred"]["table"]["gene_selection"]["sections"] == ["V1", "V2"]
 
 
+def test_xenium_cells_are_pooled_not_adopted_as_spots():
+    from test_io_instruments import _xenium_like
+
+    cells, _, _ = _xenium_like()
+    with pytest.raises(ValueError, match=r"Xenium cells .*xenium_pseudospots"):
+        stpred.pp.select_genes(cells, n_top=2)
+    assert "stpred" not in cells.tables
+    spots = stpred.io.xenium_pseudospots(cells, spot_size_um=100, section="X1")
+    stpred.pp.select_genes(spots, n_top=2)  # the pooled object is an stpred object
+    assert sorted(spots.tables["stpred"].obs["section"].unique()) == ["X1"]
+
+
 def test_saved_predictor_on_a_section_read_on_its_own(tmp_path):
     train = _sdio_visium(tmp_path / "a", "P1")
     stpred.pp.select_genes(train, n_top=3)

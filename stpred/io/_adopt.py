@@ -50,6 +50,8 @@ ANNDATA_LAYERS_KEY = "obsm_layers"
 _VISIUM_SUFFIXES = ("_full_image", "_hires_image", "_lowres_image")
 #: spatialdata-io's names of Visium HD bins (``square_008um``): the side in µm.
 _BIN_NAME = re.compile(r"square_0*(\d+)um")
+#: spatialdata-io's names of Xenium cell shapes (cells are pooled into pseudo-spots, not used as spots).
+_XENIUM_CELLS = ("cell_circles", "cell_boundaries")
 #: Images of a scanpy/squidpy AnnData, in order of preference.
 _LEGACY_IMAGES = ("hires", "lowres")
 
@@ -357,13 +359,15 @@ def resolve(
     table = sdata.tables[key]
     recorded = dict(table.uns.get(UNS_KEY, {})).get(LAYOUT_KEY)
     asked = (image_key, shapes_key, section_key, patient_key, spot_diameter_um)
-    if recorded and all(v is None for v in asked):
+    if recorded:
         layout = Layout.from_uns(recorded)
-        if layout.table_key == key and set(_labels_or_none(layout, table)) == set(layout.sections):
+        fresh = layout.table_key == key and set(_labels_or_none(layout, table)) == set(layout.sections)
+        if fresh and all(v is None for v in asked):
             return layout
-        # rows were added since (e.g. a concatenated section): keep what was named, resolve the rest
-        image_key = {s: v.image for s, v in layout.sections.items()}
-        section_key, patient_key = layout.section_key, layout.patient_key
+        # new arguments, or rows added since (e.g. a concatenated section): keep what was named, resolve the rest
+        image_key = {s: v.image for s, v in layout.sections.items()} if image_key is None else image_key
+        section_key = layout.section_key if section_key is None else section_key
+        patient_key = layout.patient_key if patient_key is None else patient_key
     if spot_diameter_um is not None:
         check_positive(float(spot_diameter_um), name="spot_diameter_um")
     attrs = table_attrs(table)
@@ -383,6 +387,14 @@ def resolve(
             f"Table {key!r} annotates the regions {regions}, none of which is a shapes element (shapes: "
             f"{sorted(sdata.shapes)}; labels are not spots). Link the table to the spot shapes with "
             "`spatialdata.models.TableModel.parse`."
+        )
+        raise ValueError(msg)
+    cells = sorted(set(annotated) & set(_XENIUM_CELLS))
+    if cells and spot_diameter_um is None and SECTION_KEY not in table.obs:
+        msg = (
+            f"Table {key!r} annotates Xenium cells ({cells}), not spots. Pool them into pseudo-spots on the H&E with "
+            "`stpred.io.xenium_pseudospots(sdata, spot_size_um=100, section=...)` and use that object; to treat "
+            "each cell as a unit anyway, pass its diameter as `stpred.io.adopt(sdata, spot_diameter_um=...)`."
         )
         raise ValueError(msg)
     obs_region = table.obs[region_key].astype(str).to_numpy()
