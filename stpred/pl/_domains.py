@@ -13,7 +13,7 @@ from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE
 from .._docs import doc_params, doc_sdata_any
 from .._sections import section_names
 from .._validate import check_sections, get_table
-from ..io._adopt import accepts_anndata
+from ..io._anndata import accepts_anndata
 from ._spatial import _as_list
 from ._utils import (
     check_axes,

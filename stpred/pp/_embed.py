@@ -19,7 +19,7 @@ from .._constants import STPRED_TABLE
 from .._docs import doc_params, doc_sdata_any
 from .._provenance import plain, record, stpred_uns
 from .._validate import check_one_of, get_table
-from ..io._adopt import accepts_anndata
+from ..io._anndata import accepts_anndata
 
 if TYPE_CHECKING:
     import os

@@ -16,7 +16,8 @@ from .._constants import SECTION_KEY, STPRED_TABLE, UNS_KEY
 from .._docs import doc_overwrite, doc_params, doc_sdata_any, doc_sections
 from .._provenance import record
 from .._validate import check_one_of, check_positive, check_sections, get_table
-from ..io._adopt import accepts_anndata, raw_table_key, resolve, stpred_table
+from ..io._adopt import raw_table_key, resolve, stpred_table
+from ..io._anndata import accepts_anndata
 from ._inplace import check_copy_inplace, table_copy
 
 if TYPE_CHECKING:

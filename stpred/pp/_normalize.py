@@ -12,7 +12,7 @@ from .._constants import STPRED_TABLE, TARGET_LAYER, UNS_KEY
 from .._docs import doc_params, doc_sdata_any
 from .._provenance import record, stpred_uns
 from .._validate import check_one_of, get_table
-from ..io._adopt import accepts_anndata
+from ..io._anndata import accepts_anndata
 from ._inplace import check_copy_inplace, table_copy
 
 if TYPE_CHECKING:

@@ -19,7 +19,8 @@ from .._docs import doc_params, doc_sdata_any, doc_sections
 from .._provenance import plain, record, stpred_uns
 from .._sections import section_names
 from .._validate import check_positive, check_sections, get_table
-from ..io._adopt import accepts_anndata, cache_owner, section_image_key, table_attrs
+from ..io._adopt import section_image_key, table_attrs
+from ..io._anndata import accepts_anndata, cache_owner
 
 if TYPE_CHECKING:
     import os

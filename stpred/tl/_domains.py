@@ -13,7 +13,7 @@ from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE
 from .._docs import doc_params, doc_sdata, doc_sdata_any
 from .._provenance import plain, record, stpred_uns
 from .._validate import check_positive, get_table
-from ..io._adopt import accepts_anndata
+from ..io._anndata import accepts_anndata
 
 if TYPE_CHECKING:
     from collections.abc import Sequence

@@ -13,7 +13,7 @@ from .._constants import SECTION_KEY, STPRED_TABLE, TARGET_LAYER, UNS_KEY
 from .._docs import doc_params, doc_sdata_any
 from .._provenance import plain, stpred_uns
 from .._validate import check_one_of, check_sections
-from ..io._adopt import accepts_anndata
+from ..io._anndata import accepts_anndata
 
 if TYPE_CHECKING:
     from anndata import AnnData

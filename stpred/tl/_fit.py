@@ -18,7 +18,7 @@ from .._docs import doc_params, doc_sdata_any
 from .._provenance import plain, record, stpred_uns, versions
 from .._sections import rows_of, section_names
 from .._validate import check_sections, get_table
-from ..io._adopt import accepts_anndata
+from ..io._anndata import accepts_anndata
 from ._predictor import Predictor
 
 if TYPE_CHECKING:

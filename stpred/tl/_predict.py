@@ -13,7 +13,7 @@ from .._docs import doc_overwrite, doc_params, doc_sdata_any
 from .._provenance import plain, record, stpred_uns
 from .._sections import section_names
 from .._validate import check_one_of, check_sections, get_table
-from ..io._adopt import accepts_anndata
+from ..io._anndata import accepts_anndata
 from ._predictor import Predictor, resolve_predictor
 
 if TYPE_CHECKING:
