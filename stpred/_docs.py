@@ -13,6 +13,13 @@ doc_sdata = """\
 sdata
     SpatialData object in the stpred contract (see :func:`stpred.io.read_legacy_st`)."""
 
+doc_sdata_any = """\
+sdata
+    SpatialData object: from an :mod:`stpred.io` reader, or as :mod:`spatialdata_io` readers return it (see
+    :func:`stpred.io.adopt` for how its elements are found). Or an AnnData in scanpy's Visium layout
+    (``obsm["spatial"]``, ``uns["spatial"]``); results are then written back into it (``obsm["stpred_*"]``,
+    ``uns["stpred"]``)."""
+
 doc_table_key = """\
 table_key
     Name of the table in ``sdata.tables`` that holds raw counts."""

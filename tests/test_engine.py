@@ -295,11 +295,8 @@ def test_provenance_survives_zarr_round_trip(prepared, tmp_path):
     assert uns["models"]["toy_cnn"]["checkpoint"]
     assert uns["cross_validation"]["stpred_toy_cnn_cv"]["protocol"]["name"] == "slide-wise"
     assert any(k.endswith("tl.predict") for k in uns["history"])
-    # a predictor fitted earlier is found again through the recorded checkpoint after the round trip;
-    # the patch bank lives in memory (or in a saved PatchBank), so it is cut again
-    with pytest.raises(KeyError, match="extract_patches"):
-        stpred.tl.predict(back, "toy_cnn", key_added="again", progress=False)
-    stpred.pp.extract_patches(back, size=32, context_size=None, progress=False)
+    # a predictor fitted earlier is found again through the recorded checkpoint after the round trip, and the
+    # patch bank is re-cut from the recipe recorded in uns["stpred"]["patches"]: no earlier step is re-run by hand
     stpred.tl.predict(back, "toy_cnn", key_added="again", progress=False)
     np.testing.assert_allclose(table.layers["again"], table.layers["stpred_toy_cnn"], rtol=1e-5, atol=1e-6)
 

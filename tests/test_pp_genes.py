@@ -181,8 +181,10 @@ def test_select_genes_errors(tiny: SpatialData) -> None:
         stpred.pp.select_genes(tiny, n_top=2, flavor="seurat")
     with pytest.raises(KeyError, match=r"No table 'counts' in `sdata.tables`; found \['table'\]"):
         stpred.pp.select_genes(tiny, n_top=2, table_key="counts")
+    with pytest.raises(ValueError, match=r"The AnnData has no `uns\['spatial'\]\[library\]` entry"):
+        stpred.pp.select_genes(tiny.tables["table"], n_top=2)  # an AnnData without scanpy's Visium images
     with pytest.raises(TypeError, match="Expected a SpatialData object"):
-        stpred.pp.select_genes(tiny.tables["table"], n_top=2)
+        stpred.pp.select_genes(tiny.tables["table"].X, n_top=2)
     stpred.pp.select_genes(tiny, n_top=2)
     with pytest.raises(ValueError, match=r"Table 'stpred' already exists; pass `overwrite=True`"):
         stpred.pp.select_genes(tiny, n_top=3)

@@ -223,15 +223,28 @@ def test_registry_and_missing_bank(tiny: SpatialData) -> None:
     assert get_patch_bank(tiny) is other  # the latest
     assert get_patch_bank(tiny, size=SIZE) is bank
     assert get_patch_bank(tiny, context_size=CONTEXT) is bank
-    with pytest.raises(KeyError, match=r"Banks in memory have \(size, context_size\)"):
+    with pytest.raises(KeyError, match=r"Patches exist with \(size, context_size\)"):
         get_patch_bank(tiny, size=99)
     patches = tiny.tables["stpred"].uns["stpred"]["patches"]
     assert patches == {"size": 8, "sections": ["S0", "S1"]}
     assert any(k.endswith("extract_patches") for k in tiny.tables["stpred"].uns["stpred"]["history"])
-    # a table whose rows no longer match the bank is refused
+    # a table whose rows no longer match the cached banks: the bank is re-cut from the recorded recipe
     tiny.tables["stpred"] = tiny.tables["stpred"][::-1].copy()
-    with pytest.raises(ValueError, match="The PatchBank does not match the table"):
-        get_patch_bank(tiny)
+    recut = get_patch_bank(tiny)
+    assert recut is not other
+    assert list(recut.obs_names) == list(tiny.tables["stpred"].obs_names)
+    np.testing.assert_array_equal(recut.spot, other.spot[::-1])
+
+
+def test_bank_is_found_again_on_a_copy_without_the_cache(tiny: SpatialData) -> None:
+    import spatialdata
+
+    bank = stpred.pp.extract_patches(tiny, size=SIZE, context_size=CONTEXT, progress=False)
+    fresh = spatialdata.deepcopy(tiny)  # a new object: nothing cached for it, only uns["stpred"]["patches"]
+    again = get_patch_bank(fresh, size=SIZE, context_size=CONTEXT)
+    assert again is not bank
+    np.testing.assert_array_equal(again.spot, bank.spot)
+    np.testing.assert_array_equal(again.context, bank.context)
 
 
 def test_subset_and_positions(tiny: SpatialData) -> None:

@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING
 from .._lazy import attach
 
 _NAMES = {
+    "adopt": "_adopt",
+    "Layout": "_adopt",
+    "SectionLayout": "_adopt",
     "read_legacy_st": "_legacy_st",
     "concat": "_concat",
     "read_visium": "_visium",
@@ -17,6 +20,7 @@ _NAMES = {
 __getattr__, __dir__, __all__ = attach(__name__, _NAMES)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ._adopt import Layout, SectionLayout, adopt
     from ._concat import concat
     from ._legacy_st import read_legacy_st
     from ._visium import read_visium

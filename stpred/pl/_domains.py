@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import SECTION_KEY, STPRED_TABLE, image_key
-from .._docs import doc_params, doc_sdata
+from .._constants import SECTION_KEY, STPRED_TABLE
+from .._docs import doc_params, doc_sdata_any
 from .._sections import section_names
 from .._validate import check_sections, check_spatial, get_table
+from ..io._anndata import accepts_anndata
 from ._spatial import _as_list
 from ._utils import (
     check_axes,
@@ -146,7 +147,8 @@ def domains_data(
     return panels, colors
 
 
-@doc_params(sdata=doc_sdata, show_save=doc_show_save)
+@accepts_anndata
+@doc_params(sdata=doc_sdata_any, show_save=doc_show_save)
 def domains(
     sdata: SpatialData,
     key: str | Sequence[str],
@@ -218,7 +220,7 @@ def domains(
         section, k, xy, labels = panel["section"], panel["key"], panel["xy"], panel["labels"]
         radius, bbox = frames[section]
         if img and section not in images:
-            images[section] = section_image(sdata, image_key(section), bbox=bbox)
+            images[section] = _section_image(sdata, table_key, section, bbox)
         if img and images.get(section) is not None:
             rgb, extent = images[section]
             ax.imshow(rgb, extent=extent, interpolation="antialiased")
@@ -243,3 +245,13 @@ def domains(
             columnspacing=1.0,
         )
     return finish(fig, fig, show=show, save=save)
+
+
+def _section_image(sdata: SpatialData, table_key: str, section: str, bbox: tuple[float, float, float, float]) -> Any:
+    """The H&E of ``section`` under ``bbox`` (spot coordinates), found through the recorded layout."""
+    from ..io._adopt import section_image_key, section_image_scale
+
+    table = sdata.tables[table_key]
+    return section_image(
+        sdata, section_image_key(table, section), bbox=bbox, scale=section_image_scale(table, section)
+    )

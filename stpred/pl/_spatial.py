@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .._constants import SECTION_KEY, STPRED_TABLE, TARGET_LAYER, image_key
-from .._docs import doc_params, doc_sdata
+from .._constants import SECTION_KEY, STPRED_TABLE, TARGET_LAYER
+from .._docs import doc_params, doc_sdata_any
 from .._sections import section_names
 from .._validate import check_sections, check_spatial, get_table
+from ..io._anndata import accepts_anndata
 from ._utils import (
     check_axes,
     doc_show_save,
@@ -171,7 +172,8 @@ def _scale_label(table: AnnData) -> str:
     }.get(str(method), "expression")
 
 
-@doc_params(sdata=doc_sdata, show_save=doc_show_save)
+@accepts_anndata
+@doc_params(sdata=doc_sdata_any, show_save=doc_show_save)
 def spatial(
     sdata: SpatialData,
     genes: str | Sequence[str],
@@ -288,7 +290,7 @@ def spatial(
     for r, row in enumerate(rows):
         radius, bbox = frames[row.section]
         if img and row.section not in images:
-            images[row.section] = section_image(sdata, image_key(row.section), bbox=bbox)
+            images[row.section] = _section_image(sdata, table_key, row.section, bbox)
         norm = mpl.colors.Normalize(vmin=row.vmin, vmax=row.vmax)
         coll = None
         shared = []
@@ -360,3 +362,13 @@ def _hatch(ax: Axes, xy: np.ndarray, radius: float) -> None:
         facecolors="none", edgecolors="black", linewidths=0.6, hatch="xxx",
     )  # fmt: skip
     ax.add_collection(coll)
+
+
+def _section_image(sdata: SpatialData, table_key: str, section: str, bbox: tuple[float, float, float, float]) -> Any:
+    """The H&E of ``section`` under ``bbox`` (spot coordinates), found through the recorded layout."""
+    from ..io._adopt import section_image_key, section_image_scale
+
+    table = sdata.tables[table_key]
+    return section_image(
+        sdata, section_image_key(table, section), bbox=bbox, scale=section_image_scale(table, section)
+    )

@@ -122,6 +122,7 @@ def section_image(
     *,
     bbox: tuple[float, float, float, float],
     max_px: int = 800,
+    scale: float = 1.0,
 ) -> tuple[np.ndarray, tuple[float, float, float, float]] | None:
     """Crop of an RGB image element at a coarse level, for display under full-resolution coordinates.
 
@@ -135,6 +136,9 @@ def section_image(
         ``(x0, y0, x1, y1)`` region in full-resolution pixels.
     max_px
         Pick the finest pyramid level on which the region is at most this many pixels wide and high.
+    scale
+        Pixels of the image's finest level per unit of ``bbox`` (spot coordinates); the extent is returned in
+        spot coordinates.
 
     Returns
     -------
@@ -145,7 +149,7 @@ def section_image(
         return None
     levels = image_levels(sdata.images[key])
     shapes = [(int(lv.sizes["y"]), int(lv.sizes["x"])) for lv in levels]
-    x0, y0, x1, y1 = bbox
+    x0, y0, x1, y1 = (v * scale for v in bbox)
     i = choose_level(shapes, (y1 - y0, x1 - x0), max_px=max_px)
     level = levels[i]
     full_h, full_w = shapes[0]
@@ -162,14 +166,21 @@ def section_image(
     if rgb.dtype != np.uint8:
         lo, hi = float(rgb.min()), float(rgb.max())
         rgb = ((rgb - lo) / (hi - lo + 1e-12) * 255).astype(np.uint8)
-    extent = (c0 * sx, c1 * sx, r1 * sy, r0 * sy)
+    extent = (c0 * sx / scale, c1 * sx / scale, r1 * sy / scale, r0 * sy / scale)
     return rgb, extent
 
 
 def spot_radius(sdata: SpatialData, section: str, xy: np.ndarray) -> float:
     """Spot radius of ``section`` in full-resolution pixels: the shapes' radius, else a quarter of the pitch."""
-    from .._constants import shapes_key
+    from .._constants import STPRED_TABLE, shapes_key
+    from ..io._adopt import recorded_layout
 
+    table = sdata.tables.get(STPRED_TABLE)
+    layout = recorded_layout(table) if table is not None else None
+    if layout is not None and section in layout.sections:
+        if layout.sections[section].spot_radius is not None:
+            return float(layout.sections[section].spot_radius)
+        return nearest_distance(xy) / 4.0
     key = shapes_key(section)
     if key in sdata.shapes and "radius" in sdata.shapes[key]:
         return float(np.median(np.asarray(sdata.shapes[key]["radius"], dtype=float)))

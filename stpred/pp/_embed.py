@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .._constants import IMAGENET_MEAN, IMAGENET_STD, STPRED_TABLE
-from .._docs import doc_params, doc_sdata
+from .._docs import doc_params, doc_sdata_any
 from .._provenance import plain, record, stpred_uns
 from .._validate import check_one_of, get_table
+from ..io._anndata import accepts_anndata
 
 if TYPE_CHECKING:
     import os
@@ -424,7 +425,8 @@ def _describe(fields: dict[str, Any]) -> str:
     )
 
 
-@doc_params(sdata=doc_sdata)
+@accepts_anndata
+@doc_params(sdata=doc_sdata_any)
 def embed(
     sdata: SpatialData,
     *,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy as copy_module
 import logging
 import re
 import warnings
@@ -13,10 +12,9 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE, UNS_KEY
-from .._docs import doc_overwrite, doc_params, doc_sdata, doc_sections, doc_table_key
+from .._constants import SECTION_KEY, STPRED_TABLE, UNS_KEY
+from .._docs import doc_overwrite, doc_params, doc_sdata_any, doc_sections
 from .._provenance import record
-from .._sections import section_names
 from .._validate import (
     check_one_of,
     check_positive,
@@ -25,6 +23,8 @@ from .._validate import (
     check_table_shape,
     get_table,
 )
+from ..io._adopt import raw_table_key, resolve, stpred_table
+from ..io._anndata import accepts_anndata
 from ._inplace import check_copy_inplace, table_copy
 
 if TYPE_CHECKING:
@@ -38,10 +38,10 @@ _FLAVORS = ("mean", "hvg")
 
 
 
-def _shared_genes(raw: AnnData) -> np.ndarray:
+def _shared_genes(raw: AnnData, sections: Sequence[str]) -> np.ndarray:
     """Boolean mask of the genes present in every section (from ``var["present_{section}"]`` where written)."""
     mask = np.ones(raw.n_vars, dtype=bool)
-    for section in section_names(raw):
+    for section in sections:
         col = f"present_{section}"
         if col in raw.var and pd.api.types.is_bool_dtype(raw.var[col]):
             mask &= raw.var[col].to_numpy(dtype=bool)
@@ -178,7 +178,8 @@ def _explicit_genes(raw: AnnData, genes: Sequence[str], shared: np.ndarray) -> n
     return wanted.to_numpy().astype(str)
 
 
-@doc_params(sdata=doc_sdata, sections=doc_sections, table_key=doc_table_key, overwrite=doc_overwrite)
+@accepts_anndata
+@doc_params(sdata=doc_sdata_any, sections=doc_sections, overwrite=doc_overwrite)
 def select_genes(
     sdata: SpatialData,
     *,
@@ -187,7 +188,7 @@ def select_genes(
     genes: Sequence[str] | None = None,
     exclude: GeneFilter | None = None,
     sections: Sequence[str] | None = None,
-    table_key: str = "table",
+    table_key: str | None = None,
     key_added: str = STPRED_TABLE,
     overwrite: bool = False,
     allow_non_integer: bool = False,
@@ -231,7 +232,9 @@ def select_genes(
         to be stricter). The rule and the number of excluded genes are recorded.
     {sections}
         Pass only the training sections to keep the test sections out of the gene choice.
-    {table_key}
+    table_key
+        Name of the raw-count table; ``None``: the one recorded by :func:`stpred.io.adopt`, else ``"table"``,
+        else the only table (other than ``"stpred"``).
     key_added
         Name of the table to create.
     {overwrite}
@@ -265,10 +268,11 @@ def select_genes(
     >>> stpred.pp.select_genes(sdata, genes=panel, inplace=False).var_names.tolist() == panel
     True
     """
-    from anndata import AnnData
     from spatialdata.models import TableModel
 
     check_copy_inplace(copy=copy, inplace=inplace)
+    if table_key is None and hasattr(sdata, "tables"):
+        table_key = raw_table_key(sdata)
     try:
         raw = get_table(sdata, table_key)
     except KeyError as err:
@@ -294,7 +298,8 @@ def select_genes(
     if not isinstance(key_added, str) or not key_added:
         msg = f"Expected `key_added` to be a non-empty table name, found {key_added!r}."
         raise ValueError(msg)
-    available = section_names(raw)
+    layout = resolve(sdata, table_key=table_key)
+    available = list(layout.sections)
     chosen = check_sections(sections, available)
     if inplace and key_added in sdata.tables and not overwrite:
         msg = f"Table {key_added!r} already exists; pass `overwrite=True` to replace it (its layers are lost)."
@@ -302,9 +307,9 @@ def select_genes(
     if table_key in (STPRED_TABLE, key_added):
         msg = f"`table_key` must name the raw-count table, not {table_key!r} (the table `select_genes` writes)."
         raise ValueError(msg)
-    shared = np.flatnonzero(_shared_genes(raw))
+    shared = np.flatnonzero(_shared_genes(raw, available))
 
-    sec = raw.obs[SECTION_KEY].astype(str).to_numpy()
+    sec = layout.section_labels(raw)
     rows_by_section = {s: np.flatnonzero(sec == s) for s in chosen}
     info: dict[str, object] = {}
     if genes is not None:
@@ -330,16 +335,9 @@ def select_genes(
         selected = ranked["gene"].to_numpy()[:n_top].astype(str)
     logger.info("Selected %d genes (flavor=%r, sections=%s).", len(selected), flavor, chosen)
 
-    gene_idx = raw.var_names.get_indexer(selected)
-    X = raw.X[:, gene_idx]
-    X = X.toarray() if sparse.issparse(X) else np.asarray(X)
-    var = raw.var.iloc[gene_idx].copy()
-    var.index = pd.Index(selected)
-    adata = AnnData(X=np.ascontiguousarray(X, dtype=np.float32), obs=raw.obs.copy(), var=var)
-    if SPATIAL_KEY in raw.obsm:
-        adata.obsm[SPATIAL_KEY] = np.asarray(raw.obsm[SPATIAL_KEY], dtype=np.float64).copy()
+    adata = stpred_table(sdata, layout, selected)
     attrs = raw.uns.get(TableModel.ATTRS_KEY, {})
-    uns = copy_module.deepcopy(dict(raw.uns.get(UNS_KEY, {})))
+    uns = adata.uns[UNS_KEY]
     uns["genes"] = [str(g) for g in selected]
     uns["gene_selection"] = {
         "flavor": flavor,

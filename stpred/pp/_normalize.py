@@ -9,9 +9,10 @@ import numpy as np
 from scipy import sparse
 
 from .._constants import STPRED_TABLE, TARGET_LAYER, UNS_KEY
-from .._docs import doc_params, doc_sdata
+from .._docs import doc_params, doc_sdata_any
 from .._provenance import record, stpred_uns
 from .._validate import check_one_of, check_raw_counts, check_table_shape, get_table
+from ..io._anndata import accepts_anndata
 from ._inplace import check_copy_inplace, table_copy
 
 if TYPE_CHECKING:
@@ -53,7 +54,8 @@ def _target(X: np.ndarray | sparse.spmatrix, method: str, *, name: str) -> np.nd
     return out
 
 
-@doc_params(sdata=doc_sdata)
+@accepts_anndata
+@doc_params(sdata=doc_sdata_any)
 def normalize(
     sdata: SpatialData,
     *,

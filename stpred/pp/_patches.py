@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._constants import INSTANCE_KEY, REGION_KEY, SECTION_KEY, STPRED_TABLE, image_key
-from .._docs import doc_params, doc_sdata, doc_sections
+from .._constants import INSTANCE_KEY, REGION_KEY, SECTION_KEY, STPRED_TABLE
+from .._docs import doc_params, doc_sdata_any, doc_sections
 from .._provenance import plain, record, stpred_uns
 from .._sections import section_names
 from .._validate import check_positive, check_sections, check_table_shape, get_table
+from ..io._adopt import section_image_key, table_attrs
+from ..io._anndata import accepts_anndata, cache_owner
 
 if TYPE_CHECKING:
     import os
@@ -37,8 +39,21 @@ _GATHER_BYTES = 64 * 1024**2
 _FORMAT = "stpred.PatchBank"
 _FORMAT_VERSION = 1
 
-# SpatialData object -> banks extracted from it (latest last); entries die with the object.
-_REGISTRY: weakref.WeakKeyDictionary[SpatialData, list[PatchBank]] = weakref.WeakKeyDictionary()
+# In-memory cache only: user's object -> banks cut from it (latest last); entries die with the object. Nothing
+# depends on it: `get_patch_bank` rebuilds a missing bank from `uns["stpred"]["patches"]` (its saved store, else
+# the recorded recipe), so a reloaded object in a new process finds its patches again.
+# Keyed by id() with a weak reference that drops the entry (AnnData is not hashable).
+_CACHE: dict[int, tuple[weakref.ref, list[PatchBank]]] = {}
+
+
+def _cached(owner: Any) -> list[PatchBank]:
+    entry = _CACHE.get(id(owner))
+    return list(entry[1]) if entry is not None and entry[0]() is owner else []
+
+
+def _cache(owner: Any, banks: list[PatchBank]) -> None:
+    key = id(owner)
+    _CACHE[key] = (weakref.ref(owner, lambda _ref, key=key: _CACHE.pop(key, None)), banks)
 
 
 @dataclass(eq=False)
@@ -298,9 +313,10 @@ def _same_geometry(entry: Any, bank: PatchBank) -> bool:
 
 
 def _register(sdata: SpatialData, bank: PatchBank) -> None:
-    banks = [b for b in _REGISTRY.get(sdata, []) if not _same_shape(b, bank)]
+    owner = cache_owner(sdata)
+    banks = [b for b in _cached(owner) if not _same_shape(b, bank)]
     banks.append(bank)
-    _REGISTRY[sdata] = banks
+    _cache(owner, banks)
     bank._owner = weakref.ref(sdata)
 
 
@@ -337,26 +353,40 @@ def get_patch_bank(sdata: SpatialData, *, size: int | None = None, context_size:
     def fits(b: PatchBank) -> bool:
         return (size is None or b.size == size) and (context_size is None or b.context_size == context_size)
 
-    candidates = [b for b in _REGISTRY.get(sdata, []) if fits(b)]
-    if candidates:
-        bank = candidates[-1]
-        bank.check_aligned(table)
+    cached = _cached(cache_owner(sdata))
+    candidates = [b for b in cached if fits(b)]
+    for bank in reversed(candidates):
+        try:
+            bank.check_aligned(table)
+        except ValueError:
+            continue  # the table changed since: fall through to the recorded store or recipe
         return bank
     entry = stpred_uns(table).get("patches")
-    if entry is not None and entry.get("path") and Path(entry["path"]).exists():
-        geometry_ok = (size is None or entry.get("size") == size) and (
-            context_size is None or entry.get("context_size") == context_size
+    geometry_ok = entry is not None and (
+        (size is None or entry.get("size") == size) and (context_size is None or entry.get("context_size") == context_size)
+    )
+    if geometry_ok and entry.get("path") and Path(entry["path"]).exists():
+        bank = PatchBank.load(entry["path"])
+        bank.check_aligned(table)
+        _register(sdata, bank)
+        logger.info("Loaded the patch bank from %s.", entry["path"])
+        return bank
+    if geometry_ok and entry.get("size") is not None:
+        # re-cut from the recorded recipe (a reloaded object, a new process): crops are deterministic
+        sections = [str(x) for x in entry.get("sections", [])] or None
+        bank = _cut(
+            sdata, table, size=int(entry["size"]), context_size=entry.get("context_size"), mpp=entry.get("mpp"),
+            sections=sections, progress=False,
         )
-        if geometry_ok:
-            bank = PatchBank.load(entry["path"])
-            bank.check_aligned(table)
-            _register(sdata, bank)
-            logger.info("Loaded the patch bank from %s.", entry["path"])
-            return bank
+        _register(sdata, bank)
+        logger.info("Re-cut the patch bank from the recipe recorded in `uns['stpred']['patches']`.")
+        return bank
     msg = "No patches for this SpatialData; run `stpred.pp.extract_patches(sdata)` first."
-    available = [(b.size, b.context_size) for b in _REGISTRY.get(sdata, [])]
+    available = [(b.size, b.context_size) for b in cached]
+    if entry is not None and not geometry_ok:
+        available.append((entry.get("size"), entry.get("context_size")))
     if available:
-        msg += f" Banks in memory have (size, context_size) {available}; asked for ({size}, {context_size})."
+        msg += f" Patches exist with (size, context_size) {available}; asked for ({size}, {context_size})."
     raise KeyError(msg)
 
 
@@ -428,16 +458,21 @@ def _plan_section(
     mpp: float | None,
     native_mpp: float | None,
 ) -> _SectionPlan:
-    key = image_key(section)
+    key = section_image_key(table, section)
     if key not in sdata.images:
-        msg = f"No image {key!r} for section {section!r} in `sdata.images`; found {sorted(sdata.images)}."
+        msg = (
+            f"No image {key!r} for section {section!r} in `sdata.images`; found {sorted(sdata.images)}. Name the "
+            "image with `stpred.io.adopt(sdata, image_key=...)` and re-run `stpred.pp.select_genes`."
+        )
         raise KeyError(msg)
     image = sdata.images[key]
     levels = _levels(image)
     obs = table.obs.iloc[rows]
-    regions = obs[REGION_KEY].astype(str).to_numpy() if REGION_KEY in obs else None
-    if regions is None or INSTANCE_KEY not in obs:
-        msg = f"The table needs `obs[{REGION_KEY!r}]` and `obs[{INSTANCE_KEY!r}]` to find the spots; found {list(obs.columns)}."
+    attrs = table_attrs(table)  # the table's own region and instance columns (stpred's readers: region, spot_id)
+    region_key, instance_key = (attrs[1], attrs[2]) if attrs is not None else (REGION_KEY, INSTANCE_KEY)
+    regions = obs[region_key].astype(str).to_numpy() if region_key in obs else None
+    if regions is None or instance_key not in obs:
+        msg = f"The table needs `obs[{region_key!r}]` and `obs[{instance_key!r}]` to find the spots; found {list(obs.columns)}."
         raise KeyError(msg)
     # spot centres (shapes coordinates) and the shapes→scale0 matrix; one shapes element per section is the contract,
     # but any number is handled
@@ -445,16 +480,16 @@ def _plan_section(
     matrices = {}
     for region in pd.unique(regions):
         if region not in sdata.shapes:
-            msg = f"No shapes {region!r} (named in `obs[{REGION_KEY!r}]`) in `sdata.shapes`; found {sorted(sdata.shapes)}."
+            msg = f"No shapes {region!r} (named in `obs[{region_key!r}]`) in `sdata.shapes`; found {sorted(sdata.shapes)}."
             raise KeyError(msg)
         shapes = sdata.shapes[region]
         sel = regions == region
-        ids = obs[INSTANCE_KEY].to_numpy()[sel]
+        ids = obs[instance_key].to_numpy()[sel]
         try:
             geom = shapes.geometry.loc[ids]
         except KeyError:
             msg = (
-                f"Some `obs[{INSTANCE_KEY!r}]` values of section {section!r} are not in the index of shapes {region!r}."
+                f"Some `obs[{instance_key!r}]` values of section {section!r} are not in the index of shapes {region!r}."
             )
             raise KeyError(msg) from None
         if not (geom.geom_type == "Point").all():
@@ -636,7 +671,55 @@ def _resize(crops: np.ndarray, side: int) -> np.ndarray:
     return F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False).numpy()
 
 
-@doc_params(sdata=doc_sdata, sections=doc_sections)
+def _cut(
+    sdata: SpatialData,
+    table: AnnData,
+    *,
+    size: int,
+    context_size: int | None,
+    mpp: float | None,
+    sections: Sequence[str] | None,
+    progress: bool,
+) -> PatchBank:
+    """Cut the crops of ``sections`` of ``table`` (checked arguments); records nothing."""
+    from tqdm.auto import tqdm
+
+    chosen = check_sections(sections, section_names(table))
+    uns = stpred_uns(table)
+    mpps = {str(k): float(v) for k, v in dict(uns.get("mpp", {})).items()}
+    sizes = {"spot": int(size)} | ({} if context_size is None else {"context": int(context_size)})
+
+    sec = table.obs[SECTION_KEY].astype(str).to_numpy()
+    rows_all = np.flatnonzero(np.isin(sec, chosen))
+    plans = [
+        _plan_section(sdata, table, s, np.flatnonzero(sec == s), sizes=sizes, mpp=mpp, native_mpp=mpps.get(s))
+        for s in chosen
+    ]
+    n_total = table.n_obs
+    # crops of the chosen rows, in table order
+    outputs = {k: np.zeros((len(rows_all), 3, s, s), dtype=np.uint8) for k, s in sizes.items()}
+    local = np.full(n_total, -1, dtype=np.int64)
+    local[rows_all] = np.arange(len(rows_all))
+    with tqdm(total=len(rows_all), desc="patches", unit="spot", disable=not progress) as pbar:
+        for plan in plans:
+            plan.rows = local[plan.rows]
+            _cut_section(plan, outputs, sizes, pbar)
+    bank = PatchBank(
+        spot=outputs["spot"],
+        context=outputs.get("context"),
+        obs_names=table.obs_names[rows_all],
+        sections=sec[rows_all],
+        size=int(size),
+        context_size=None if context_size is None else int(context_size),
+        mpp=mpp,
+        native_mpp={s: mpps[s] for s in chosen if s in mpps},
+        level_mpp={p.section: float(p.level_mpp) for p in plans if p.level_mpp is not None},
+    )
+    return bank
+
+
+@accepts_anndata
+@doc_params(sdata=doc_sdata_any, sections=doc_sections)
 def extract_patches(
     sdata: SpatialData,
     *,
@@ -694,8 +777,6 @@ def extract_patches(
     >>> stpred.pp.extract_patches(sdata, size=16, context_size=32, mpp=2.0, progress=False).level_mpp
     {{'S0': 2.0, 'S1': 2.0}}
     """
-    from tqdm.auto import tqdm
-
     table = get_table(sdata, table_key, made_by="pp.select_genes")
     check_table_shape(table, name=table_key)
     for name, value in (("size", size), ("context_size", context_size)):
@@ -712,36 +793,8 @@ def extract_patches(
         check_positive(float(mpp), name="mpp")
         mpp = float(mpp)
     chosen = check_sections(sections, section_names(table))
+    bank = _cut(sdata, table, size=size, context_size=context_size, mpp=mpp, sections=chosen, progress=progress)
     uns = stpred_uns(table)
-    mpps = {str(k): float(v) for k, v in dict(uns.get("mpp", {})).items()}
-    sizes = {"spot": int(size)} | ({} if context_size is None else {"context": int(context_size)})
-
-    sec = table.obs[SECTION_KEY].astype(str).to_numpy()
-    rows_all = np.flatnonzero(np.isin(sec, chosen))
-    plans = [
-        _plan_section(sdata, table, s, np.flatnonzero(sec == s), sizes=sizes, mpp=mpp, native_mpp=mpps.get(s))
-        for s in chosen
-    ]
-    n_total = table.n_obs
-    # crops of the chosen rows, in table order
-    outputs = {k: np.zeros((len(rows_all), 3, s, s), dtype=np.uint8) for k, s in sizes.items()}
-    local = np.full(n_total, -1, dtype=np.int64)
-    local[rows_all] = np.arange(len(rows_all))
-    with tqdm(total=len(rows_all), desc="patches", unit="spot", disable=not progress) as pbar:
-        for plan in plans:
-            plan.rows = local[plan.rows]
-            _cut_section(plan, outputs, sizes, pbar)
-    bank = PatchBank(
-        spot=outputs["spot"],
-        context=outputs.get("context"),
-        obs_names=table.obs_names[rows_all],
-        sections=sec[rows_all],
-        size=int(size),
-        context_size=None if context_size is None else int(context_size),
-        mpp=mpp,
-        native_mpp={s: mpps[s] for s in chosen if s in mpps},
-        level_mpp={p.section: float(p.level_mpp) for p in plans if p.level_mpp is not None},
-    )
     if table_key == STPRED_TABLE:
         _register(sdata, bank)
     uns["patches"] = _geometry(bank.size, bank.context_size, bank.mpp, list(chosen))

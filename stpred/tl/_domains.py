@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SECTION_KEY, SPATIAL_KEY, STPRED_TABLE
-from .._docs import doc_params, doc_sdata
+from .._docs import doc_params, doc_sdata, doc_sdata_any
 from .._provenance import plain, record, stpred_uns
 from .._validate import check_positive, get_table
+from ..io._anndata import accepts_anndata
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -130,7 +131,8 @@ def spatial_graph(table: AnnData, *, mask: np.ndarray | None = None, n_neighs: i
 
 
 # --------------------------------------------------------------------------------------------------- domains
-@doc_params(sdata=doc_sdata, table_key=_doc_table_key, n_neighs=_doc_n_neighs)
+@accepts_anndata
+@doc_params(sdata=doc_sdata_any, table_key=_doc_table_key, n_neighs=_doc_n_neighs)
 def domains(
     sdata: SpatialData,
     *,

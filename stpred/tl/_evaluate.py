@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 
 from .._constants import SECTION_KEY, STPRED_TABLE, TARGET_LAYER, UNS_KEY
-from .._docs import doc_params, doc_sdata
+from .._docs import doc_params, doc_sdata_any
 from .._provenance import plain, stpred_uns
 from .._validate import check_one_of, check_sections
+from ..io._anndata import accepts_anndata
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -252,7 +253,8 @@ def _warn_if_seen_in_training(table: AnnData, key: str, scored: np.ndarray) -> N
     warnings.warn(msg, UserWarning, stacklevel=3)
 
 
-@doc_params(sdata=doc_sdata)
+@accepts_anndata(table_ok=True)
+@doc_params(sdata=doc_sdata_any)
 def evaluate(
     sdata: SpatialData | AnnData,
     key: str,

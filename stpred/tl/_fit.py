@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .._constants import PATIENT_KEY, STPRED_TABLE, TARGET_LAYER, UNS_KEY, BatchKeys
-from .._docs import doc_params, doc_sdata
+from .._docs import doc_params, doc_sdata_any
 from .._provenance import plain, record, stpred_uns, versions
 from .._sections import rows_of, section_names
 from .._validate import check_sections, get_table
+from ..io._anndata import accepts_anndata
 from ._ensemble import EnsemblePredictor, check_n_models, fit_ensemble
-from ._predictor import Predictor, register_fitted
+from ._predictor import Predictor
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -47,7 +48,8 @@ _MOVED = {
 _DIRECT = ("max_epochs", "batch_size", "lr")
 
 
-@doc_params(sdata=doc_sdata)
+@accepts_anndata
+@doc_params(sdata=doc_sdata_any)
 def fit(
     sdata: SpatialData,
     model: str = "hifusion",
@@ -139,9 +141,12 @@ def fit(
 
     Returns
     -------
-    The fitted :class:`~stpred.tl.Predictor` (an :class:`~stpred.tl.EnsemblePredictor` when ``n_models > 1``). Also records the fit under
-    ``sdata.tables["stpred"].uns["stpred"]["models"][model]`` and remembers the predictor, so that
-    ``stpred.tl.predict(sdata, model=model)`` uses it.
+    The fitted :class:`~stpred.tl.Predictor` (an :class:`~stpred.tl.EnsemblePredictor` when ``n_models > 1``),
+    saved to a folder recorded with the fit under ``sdata.tables["stpred"].uns["stpred"]["models"][model]
+    ["checkpoint"]`` (the run folder under ``trainer_kwargs["default_root_dir"]``; else, for a zarr-backed object,
+    ``<store>.stpred/models/<model>`` next to the store; else a new temporary directory), so that
+    ``stpred.tl.predict(sdata, model=model)`` finds it, also after ``sdata.write`` and ``spatialdata.read_zarr``
+    in a new process.
 
     Examples
     --------
@@ -191,7 +196,17 @@ def fit(
         predictor = fit_ensemble(fit_one, n_models=n_models, seed=seed, trainer_kwargs=dict(trainer_kwargs or {}))
     table = get_table(sdata, table_key)
     name, info = predictor.name, predictor.info
-    register_fitted(sdata, predictor)
+    # the crop recipe, so that a section read on its own is cut the same way at prediction time
+    info["patches"] = plain(stpred_uns(table).get("patches"))
+    backing = getattr(sdata, "path", None)
+    if backing is not None and not dict(trainer_kwargs or {}).get("default_root_dir"):
+        # a zarr-backed object: keep the predictor next to the store, where a later session looks for it
+        info["checkpoint"] = str(Path(f"{backing}.stpred") / "models" / name)
+    elif info.get("checkpoint") is None:
+        # no folder named and no zarr store: the training checkpoints are already gone; the predictor alone goes to
+        # a temporary folder so that `tl.predict(sdata, model=...)` finds it through the recorded path
+        info["checkpoint"] = str(Path(tempfile.mkdtemp(prefix="stpred_predictor_")) / name)
+    predictor.save(info["checkpoint"], overwrite=True)
     models = dict(stpred_uns(table).get("models", {}))
     models[name] = plain({**info, "genes": predictor.genes, "normalize": predictor.normalize})
     table.uns[UNS_KEY]["models"] = models

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +18,6 @@ if TYPE_CHECKING:
     from ..models import StpredModel
     from ..pp._patches import PatchBank
 
-#: Predictors fitted in this process, per SpatialData object, so that ``predict(sdata, model="hifusion")`` finds them.
-_FITTED: weakref.WeakKeyDictionary[Any, dict[str, Predictor]] = weakref.WeakKeyDictionary()
 
 
 class Predictor:
@@ -240,13 +237,13 @@ def load(path: str | os.PathLike) -> Predictor:
     return load_predictor(path)
 
 
-def register_fitted(sdata: SpatialData, predictor: Predictor) -> None:
-    """Remember ``predictor`` as the fitted model of its name for ``sdata`` (this process only)."""
-    _FITTED.setdefault(sdata, {})[predictor.name] = predictor
-
-
 def resolve_predictor(sdata: SpatialData, model: Any, *, table_key: str = STPRED_TABLE) -> Predictor:
-    """A predictor from a :class:`Predictor`, a saved directory, or the name of a model fitted on ``sdata``."""
+    """A predictor from a :class:`Predictor`, a saved directory, or the name of a model fitted on ``sdata``.
+
+    A name is looked up in ``uns["stpred"]["models"][name]["checkpoint"]`` of the table, where :func:`stpred.tl.fit`
+    records the folder it saved the predictor to: nothing lives only in this process, so a SpatialData written to
+    zarr and read again in a new session finds its models.
+    """
     from ..models import get_model
 
     if isinstance(model, Predictor):
@@ -257,18 +254,20 @@ def resolve_predictor(sdata: SpatialData, model: Any, *, table_key: str = STPRED
         msg = f"`model` must be a model name, a Predictor or a saved path; found {type(model).__name__}."
         raise TypeError(msg)
     name = model.lower()
-    if name not in _FITTED.get(sdata, {}) and Path(model).is_dir():
+    table = sdata.tables.get(table_key) if hasattr(sdata, "tables") else None
+    entry = dict(table.uns.get(UNS_KEY, {}).get("models", {})).get(name, {}) if table is not None else {}
+    if not entry and Path(model).is_dir():
         return load(model)
     get_model(name)  # unknown names fail here, listing the registered ones
-    fitted = _FITTED.get(sdata, {})
-    if name in fitted:
-        return fitted[name]
-    table = sdata.tables.get(table_key)
-    saved = None
-    if table is not None:
-        saved = dict(table.uns.get(UNS_KEY, {}).get("models", {})).get(name, {}).get("checkpoint")
+    saved = entry.get("checkpoint")
     if saved and Path(saved).is_dir():
         return load(saved)
+    if saved:
+        msg = (
+            f"The {name!r} model fitted on this object was saved to {saved!r}, which no longer exists. Pass the "
+            "predictor's folder as `model=` (wherever it was moved), or re-run `stpred.tl.fit`."
+        )
+        raise FileNotFoundError(msg)
     msg = (
         f"No fitted {name!r} model for this SpatialData. Run `stpred.tl.fit(sdata, model={name!r})` first, "
         "or pass a Predictor (`model=predictor`) or the path of a saved one."
