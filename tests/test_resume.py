@@ -133,20 +133,24 @@ class _Boom(L.Callback):
 def test_temporary_checkpoint_folders_are_removed(prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     predictor = stpred.tl.fit(prepared, NAME, **FIT)
-    assert not list(tmp_path.glob("stpred_*"))
-    # nothing points at the deleted folder; the predictor is kept in memory for this session
-    assert predictor.info["checkpoint"] is None
+    # the training checkpoints are gone; only the predictor itself is kept, where the provenance points
+    kept = sorted(tmp_path.glob("stpred_*"))
+    assert [p.name.startswith("stpred_predictor_") for p in kept] == [True]
+    assert not list(tmp_path.rglob("*.ckpt"))
     assert predictor.info["run_dir"] is None
     assert all(b["checkpoint"] is None for b in predictor.info["best"].values())
-    assert prepared.tables["stpred"].uns["stpred"]["models"][NAME].get("checkpoint") is None
-    stpred.tl.predict(prepared, NAME, key_added="from_memory", progress=False)
+    recorded = prepared.tables["stpred"].uns["stpred"]["models"][NAME]["checkpoint"]
+    assert Path(recorded).parent == kept[0]
+    assert {p.name for p in Path(recorded).iterdir()} <= {"manifest.json", "weights.pt", "history.csv", "ood.npz"}
+    stpred.tl.predict(prepared, NAME, key_added="from_disk", progress=False)
     np.testing.assert_array_equal(
-        prepared.tables["stpred"].layers["from_memory"], predictor.predict(prepared, progress=False)
+        prepared.tables["stpred"].layers["from_disk"], predictor.predict(prepared, progress=False)
     )
-    # a failing fit cleans up too
+    # a failing fit cleans up too, and keeps nothing
     with pytest.raises(RuntimeError, match="boom"):
         stpred.tl.fit(prepared, NAME, trainer_kwargs={"callbacks": [_Boom()]}, **FIT)
-    assert not list(tmp_path.glob("stpred_*"))
+    assert sorted(tmp_path.glob("stpred_*")) == kept
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_two_fits_never_share_a_run_folder(prepared, tmp_path):

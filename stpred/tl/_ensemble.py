@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import STPRED_TABLE
-from .._provenance import plain, versions
+from .._provenance import plain, versions, write_json
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -137,7 +137,7 @@ class EnsemblePredictor:
             member.save(path / f"member_{i}", overwrite=overwrite)
             folders.append(f"member_{i}")
         meta = {"kind": "ensemble", "members": folders, "model": self.name, "versions": versions()}
-        (path / _META).write_text(json.dumps(plain(meta), indent=2))
+        write_json(path / _META, plain(meta))
         return path
 
 

@@ -101,7 +101,12 @@ class _EpochShuffledBatches(Dataset, Sampler):
                 batches.append(idx)
                 continue
             stop = len(idx) - (len(idx) % self.batch_size if self.drop_last else 0)
-            batches.extend(idx[i : i + self.batch_size] for i in range(0, stop, self.batch_size))
+            chunks = [idx[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
+            if self.shuffle and len(chunks) > 1 and len(chunks[-1]) == 1:
+                # a one-spot training batch breaks BatchNorm (and gives a one-sample gradient): fold it into the
+                # previous batch of the same group
+                chunks[-2:] = [np.concatenate(chunks[-2:])]
+            batches.extend(chunks)
         if self.shuffle:
             order = rng.permutation(len(batches))
             batches = [batches[i] for i in order]

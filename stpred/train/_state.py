@@ -167,7 +167,7 @@ def fingerprint(
         _hash_tensor(h, store.tensors[key])
         data[f"store:{key}"] = h.hexdigest()
     for key, value in (extra or {}).items():
-        data[key] = hashlib.sha256(json.dumps(_canonical(value), sort_keys=True).encode()).hexdigest()
+        data[key] = hashlib.sha256(json.dumps(_canonical(value), sort_keys=True, allow_nan=False).encode()).hexdigest()
     return {"config": _canonical(config), "data": data}
 
 
