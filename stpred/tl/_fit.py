@@ -188,7 +188,7 @@ def fit_unregistered(
     from ..train import TensorStore, TrainRunner
     from ..train._runner import check_trainer_kwargs
     from ._inputs import model_arrays, model_sizes
-    from ._splits import validation_split
+    from ._splits import targets_of_rows, validation_split
 
     cls = get_model(model)
     name = cls.name
@@ -217,6 +217,7 @@ def fit_unregistered(
     train_rows, val_rows, val_info = validation_split(
         table, train_sections, val=val, val_fraction=val_fraction, group_key=group_key, seed=seed
     )
+    arrays[BatchKeys.TARGET] = targets_of_rows(arrays[BatchKeys.TARGET], [*train_rows.values(), *val_rows.values()])
     checkpoint_dir = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="stpred_"))
     runner = TrainRunner(
         net,
