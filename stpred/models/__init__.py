@@ -19,11 +19,14 @@ _NAMES = {
     "StpredModel": "_base",
     "LossOutput": "_base",
     "TrainDefaults": "_base",
+    "get_preset": "_presets",
+    "Preset": "_presets",
 }
 __getattr__, __dir__, __all__ = attach(__name__, _NAMES)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._base import LossOutput, StpredModel, TrainDefaults
+    from ._presets import Preset, get_preset
     from ._registry import get_model, list_models, register_model, unregister_model
     from .baselines import MeanBaseline, Ridge
     from .hifusion import HiFusion
