@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -419,6 +420,7 @@ def _run_fold(
             for name in order:
                 options = {**fit_kwargs, **specs[name]}
                 trainable = get_model(name).trainable
+                started = time.perf_counter()
                 predictor = fit_unregistered(
                     sdata,
                     name,
@@ -437,6 +439,7 @@ def _run_fold(
                 }
                 _check_validation(predictor.info["validation"], fold)
                 pred = predictor.predict(sdata, list(fold["test"]), table_key=key, progress=progress)
+                entry["validation"][f"{name}/seed{seed}"]["seconds"] = round(time.perf_counter() - started, 1)
                 if not np.isfinite(pred).all():
                     msg = f"{name!r} predicted NaN or infinite values on fold {fold['fold']} (seed {seed})."
                     raise ValueError(msg)
