@@ -76,7 +76,7 @@ class _Spy:
             return real_select(sdata, **kwargs)
 
         class Runner(real_runner):
-            def run(self):
+            def run(self, **kwargs):
                 sec = self._sections
                 target = self.store.tensors["target"]
                 spy.runs.append(
@@ -86,7 +86,7 @@ class _Spy:
                         "targets": set(sec[torch.isfinite(target).all(1).numpy()]),
                     }
                 )
-                return super().run()
+                return super().run(**kwargs)
 
         monkeypatch.setattr(stpred.pp, "select_genes", select)
         monkeypatch.setattr(stpred.train, "TrainRunner", Runner)
