@@ -73,3 +73,25 @@ def test_fit_applies_a_preset_under_the_callers_arguments(tmp_path):
         assert stpred.tl.load(tmp_path / "p").model.config.hidden == 4
     finally:
         unregister_model("preset_probe")
+
+
+def test_preset_is_part_of_the_resume_fingerprint(tmp_path):
+    register_model("preset_probe")(_Probe)
+    try:
+        data = stpred.datasets.synthetic(n_sections=2, n_genes=8, seed=0, grid=6)
+        stpred.pp.select_genes(data, n_top=4)
+        stpred.pp.normalize(data)
+        table = data.tables["stpred"]
+        table.obsm["X_emb_p"] = np.random.default_rng(0).normal(size=(table.n_obs, 3)).astype(np.float32)
+        fit = {"train": ["S0"], "embedding_key": "X_emb_p", "progress": False}
+        root = {"default_root_dir": tmp_path / "runs"}
+        done = stpred.tl.fit(data, "preset_probe", preset="fast", trainer_kwargs=root, **fit)
+        again = stpred.tl.fit(data, "preset_probe", preset="fast", trainer_kwargs=root, resume=True, **fit)
+        assert again.info["run_dir"] == done.info["run_dir"]
+        assert again.model.config.hidden == 3
+        # the same settings spelled out, without the preset: another run, not this one
+        spelled = {"max_epochs": 2, "lr": 5e-3, "plan_kwargs": {"weight_decay": 0.0}, "hidden": 3}
+        with pytest.raises(ValueError, match="cannot be resumed"):
+            stpred.tl.fit(data, "preset_probe", trainer_kwargs=root, resume=done.info["run_dir"], **spelled, **fit)
+    finally:
+        unregister_model("preset_probe")
