@@ -120,3 +120,28 @@ def test_ridge_refuses_bad_options():
         Ridge(4, 3, alphas=(1.0, -1.0))
     with pytest.raises(ValueError, match="inner_folds"):
         Ridge(4, 3, inner_folds=1)
+
+
+def test_ood_reference_is_skipped_when_features_declines():
+    """A model that overrides `features` only to raise NotImplementedError gets no OOD reference (no failed fit)."""
+    from stpred.models import StpredModel
+    from stpred.tl._ood import reference_from_fit
+    from stpred.train import TensorStore
+
+    class _Declines(StpredModel):
+        inputs = ("embedding",)
+
+        def __init__(self, n_genes: int) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(3, n_genes)
+
+        def forward(self, batch):
+            return {"pred": self.head(batch["embedding"])}
+
+        def features(self, batch):
+            msg = "closed form: no representation"
+            raise NotImplementedError(msg)
+
+    store = TensorStore({"embedding": np.zeros((6, 3), np.float32), "target": np.zeros((6, 2), np.float32)})
+    groups = [np.arange(4)]
+    assert reference_from_fit(_Declines(2), store, groups, [np.arange(4, 6)]) is None
