@@ -160,10 +160,14 @@ def reference_from_fit(
         return None
     try:
         train_groups = _subsample(train_groups, MAX_REFERENCE_SPOTS, seed, model.batching)
-        train = features(train_groups)
-        if train is None:
+        try:
+            train = features(train_groups)
+            if train is None:
+                return None
+            return fit_reference(train, features(val_groups))
+        except NotImplementedError as err:  # `features` overridden but declined (e.g. a closed-form baseline)
+            logger.info("%s gives no features (%s); no out-of-distribution reference.", type(model).__name__, err)
             return None
-        return fit_reference(train, features(val_groups))
     finally:
         model.to("cpu")
         model.eval()

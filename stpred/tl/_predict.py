@@ -232,11 +232,12 @@ def _predict(
     table = get_table(sdata, table_key, made_by="pp.select_genes")
     key = key_added or prediction_layer(predictor.name)
     std_key, ood_key, flag_key = f"{key}_std", f"{key}_ood", f"{key}_ood_flag"
-    written = [(table.layers, key), *([(table.layers, std_key)] if uncertainty else [])]
-    written += [(table.obs, ood_key), (table.obs, flag_key)] if with_ood else []
-    taken = [k for where, k in written if k in where]
+    written = [("layers", key), *([("layers", std_key)] if uncertainty else [])]
+    written += [("obs", ood_key), ("obs", flag_key)] if with_ood else []
+    taken = [f"`{where}[{k!r}]`" for where, k in written if k in getattr(table, where)]
     if taken and not overwrite:
-        msg = f"{taken} already exist; pass `overwrite=True` to replace them or choose another `key_added`."
+        verb, them = ("exists", "it") if len(taken) == 1 else ("exist", "them")
+        msg = f"{', '.join(taken)} already {verb}; pass `overwrite=True` to replace {them} or choose another `key_added`."
         raise ValueError(msg)
     if key in ("target", "counts") or std_key in ("target", "counts"):
         msg = f"`key_added={key!r}` would replace the measured data; choose another name."
