@@ -204,7 +204,7 @@ def worker(cfg: dict) -> dict:
         with torch.no_grad():
             model(batch)
 
-    def train(aug: bool = False):
+    def train(*, aug: bool = False):
         b = model.augment(batch, 0.0) if aug else batch
         loss = model.loss(model(b), b).loss
         opt.zero_grad(set_to_none=True)

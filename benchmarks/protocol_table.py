@@ -18,7 +18,8 @@ import pandas as pd
 
 
 def table(path: str) -> str:
-    body = json.loads(open(path).read())
+    with open(path) as fh:
+        body = json.load(fh)
     scores = pd.DataFrame(body["scores"])
     status = body["protocol"].get("status", "unknown")
     per_section = scores[~scores["section"].isin(["mean_over_sections", "pooled"])]

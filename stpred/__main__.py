@@ -38,9 +38,9 @@ def demo(
     -------
     The test-section ``mse`` and ``pcc_gene`` of HiFusion and of the baseline.
     """
-    import matplotlib
+    import matplotlib as mpl
 
-    matplotlib.use("Agg")
+    mpl.use("Agg")
     import numpy as np
     import pandas as pd
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import datetime as _dt
+import datetime as dt
 import json
 import math
 import os
@@ -82,7 +82,7 @@ def record(adata: AnnData, step: str, **params: Any) -> dict[str, Any]:
     entry = {
         "step": step,
         "params": plain(params),
-        "time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": versions(),
     }
     # a dict keyed by order, not a list: anndata cannot write lists of dicts to zarr/h5ad

@@ -678,7 +678,7 @@ def compare_pcc_gene(
     diff = r_p - r_o
     nan = float("nan")
 
-    def _row(group: str, dd: np.ndarray, rp: np.ndarray, ro: np.ndarray, n_spots: int, sections: bool) -> dict:
+    def _row(group: str, dd: np.ndarray, rp: np.ndarray, ro: np.ndarray, n_spots: int, *, sections: bool) -> dict:
         by_gene = paired_bootstrap(dd, over="genes", n_boot=n_boot, seed=seed, ci=ci)
         by_section = paired_bootstrap(dd, over="sections", n_boot=n_boot, seed=seed, ci=ci) if sections else {}
         with warnings.catch_warnings():

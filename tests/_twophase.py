@@ -43,12 +43,12 @@ class TwoPhase(StpredModel):
     def set_phase(self, phase: int) -> None:
         self.current_phase.fill_(phase)
         for p in self.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(requires_grad=False)
         for p in (self.body if phase == 1 else self.head2).parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(requires_grad=True)
         if phase == 1:
             for p in self.head1.parameters():
-                p.requires_grad_(True)
+                p.requires_grad_(requires_grad=True)
 
     def prepare_slides(self, store, groups) -> None:
         if int(self.current_phase) != 2:

@@ -112,7 +112,7 @@ def test_cross_validate_fits_the_ridge_baseline_on_the_same_folds(_prepared, mon
     real_fit, calls = _fit.fit_unregistered, []
 
     def fake_fit(sdata, model, *, train, **kwargs):
-        calls.append((model, list(train), kwargs.get("val", None)))
+        calls.append((model, list(train), kwargs.get("val")))
         if model == "ridge":
             return real_fit(sdata, model, train=train, **kwargs)
         return _StubPredictor(list(train))

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-import matplotlib
+import matplotlib as mpl
 
-matplotlib.use("Agg")
+mpl.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -45,8 +45,8 @@ def _panel_axes(fig):
 
 # --------------------------------------------------------------------------------------------------- utils
 def test_should_show_never_under_agg(monkeypatch):
-    assert should_show(None) is False
-    assert should_show(False) is False
+    assert should_show(show=None) is False
+    assert should_show(show=False) is False
     shown = []
     monkeypatch.setattr(plt, "show", lambda *a, **k: shown.append(True))
     df = pd.DataFrame({"epoch": [0, 1], "train_loss": [1.0, 0.5]})

@@ -350,10 +350,9 @@ def _mito_ribo(tiny: SpatialData) -> list[str]:
 )
 def test_exclude_removes_matching_genes_before_ranking(tiny: SpatialData, exclude, dropped: int) -> None:
     ranked = _mito_ribo(tiny)
-    if dropped == 2:
-        expected = [g for g in ranked if g not in ("MT-CO1", "Rpl13")][:4]
-    else:
-        expected = ranked[dropped : dropped + 4]
+    expected = (
+        [g for g in ranked if g not in ("MT-CO1", "Rpl13")][:4] if dropped == 2 else ranked[dropped : dropped + 4]
+    )
     stpred.pp.select_genes(tiny, n_top=4, exclude=exclude)
     out = tiny.tables["stpred"]
     assert list(out.var_names) == expected

@@ -246,7 +246,7 @@ def _choose_image(sdata: SpatialData, section: str, shapes_name: str, shapes: An
         for suffix in _VISIUM_SUFFIXES:  # a spatialdata-io Visium section: its full-res, else hires, else lowres
             hits = [k for k in candidates if k.endswith(suffix)]
             if len(hits) > 1:
-                hits = [k for k in hits if k.startswith(shapes_name) or k.startswith(section)] or hits
+                hits = [k for k in hits if k.startswith((shapes_name, section))] or hits
             if len(hits) == 1:
                 candidates = hits
                 break

@@ -322,7 +322,7 @@ def xenium_pseudospots(
     return _section_sdata(section, _image_element(pixels, section), circles, out)
 
 
-def _spatialdata_io_xenium(spatialdata_io: Any, root: Path, aligned_images: bool) -> SpatialData:
+def _spatialdata_io_xenium(spatialdata_io: Any, root: Path, *, aligned_images: bool) -> SpatialData:
     """The cell table, the morphology image and (optionally) the aligned images, nothing else."""
     return spatialdata_io.xenium(
         root,
@@ -421,7 +421,7 @@ def read_xenium(
     with warnings.catch_warnings():
         # the table names the cell labels as its region; stpred does not read them (it needs the centroids only)
         warnings.filterwarnings("ignore", message="The table is annotating 'cell_labels'", category=UserWarning)
-        sdata = _spatialdata_io_xenium(spatialdata_io, root, he_path is None)
+        sdata = _spatialdata_io_xenium(spatialdata_io, root, aligned_images=he_path is None)
     if he_path is not None:
         sdata.images[_HE_IMAGE] = spatialdata_io.xenium_aligned_image(he_path, alignment_path)
     elif _HE_IMAGE in sdata.images and not any(root.glob("*he_image*alignment*.csv")):

@@ -294,9 +294,9 @@ class StpredModel(nn.Module):
         """
         found: list[nn.Module] = []
         for module in self.modules():
-            if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-                found.append(module)
-            elif isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+            if (isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0) or (
+                isinstance(module, nn.MultiheadAttention) and module.dropout > 0
+            ):
                 found.append(module)
         return found
 

@@ -268,7 +268,7 @@ def neighbour_table(coords: Tensor, window: int) -> tuple[Tensor, Tensor]:
 
 
 def _window_part(
-    qkv: Tensor, table: WindowTable, bias: Tensor, scale: float, drop: float, training: bool
+    qkv: Tensor, table: WindowTable, bias: Tensor, *, scale: float, drop: float, training: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Unnormalised attention inside the windows of one partition, returned per token: ``(m, l, o)``.
 
@@ -306,8 +306,8 @@ def window_attention_packed(
     # one relayout for both partitions: (3, H, n + 1, d) with a zero token for the empty window slots
     qkv = F.pad(qkv.permute(1, 2, 0, 3), (0, 0, 0, 1))
     bias = torch.cat([bias, bias.new_full((bias.shape[0], 1), _NEG)], dim=1)
-    m1, l1, o1 = _window_part(qkv, level.regular, bias, scale, drop, training)
-    m2, l2, o2 = _window_part(qkv, level.shifted, bias, scale, drop, training)
+    m1, l1, o1 = _window_part(qkv, level.regular, bias, scale=scale, drop=drop, training=training)
+    m2, l2, o2 = _window_part(qkv, level.shifted, bias, scale=scale, drop=drop, training=training)
     mx = torch.maximum(m1, m2)  # m1 is finite: a token always attends to itself through its regular window
     a1, a2 = torch.exp(m1 - mx), torch.exp(m2 - mx)  # a2 = 0 where the shifted part is empty
     w1 = (a1 / (a1 * l1 + a2 * l2)).unsqueeze(-1)

@@ -308,7 +308,7 @@ class HiFusion(StpredModel):
         w = next((p for p in self.spot_encoder.parameters() if p.ndim == 4), None)  # conv1 of a ResNet
         return w is not None and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
 
-    def _prepare(self, x: Tensor, channels_last: bool) -> Tensor:
+    def _prepare(self, x: Tensor, *, channels_last: bool) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     def spot_levels(self, spot: Tensor) -> list[Tensor]:
@@ -328,7 +328,7 @@ class HiFusion(StpredModel):
         maps: list[Tensor] = []
         for grid in self.config.grids:  # one batched encoder call per level (3 calls), never per tile
             x = spot if grid == 1 else tile(spot, grid)
-            f = self.spot_encoder.forward_features(self._prepare(x, channels_last))
+            f = self.spot_encoder.forward_features(self._prepare(x, channels_last=channels_last))
             if grid > 1:
                 f = mosaic(f, grid)
             if maps and f.shape[-2:] != maps[0].shape[-2:]:
@@ -399,7 +399,7 @@ class HiFusion(StpredModel):
         for w, f in zip(weights[1:], maps[1:]):
             fused = fused + f * w.to(f.dtype)
         tokens = F.adaptive_avg_pool2d(fused, self.config.token_grid).flatten(2).transpose(1, 2)  # (B, k², D)
-        ctx_map = self.context_encoder.forward_features(self._prepare(context, self._uses_channels_last()))
+        ctx_map = self.context_encoder.forward_features(self._prepare(context, channels_last=self._uses_channels_last()))
         query = ctx_map.mean(dim=(2, 3)).unsqueeze(1)  # (B, 1, D)
         attended, _ = self.attn(query, tokens, tokens, need_weights=False)
         return self.norm((attended + query).squeeze(1)), maps, weights

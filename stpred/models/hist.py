@@ -241,7 +241,9 @@ class RefinementLayer(nn.Module):
         Init std of the relative-position bias.
     """
 
-    def __init__(self, width: int, heads: int, window: int, ff_ratio: int, attn_drop: float, rpb_std: float) -> None:
+    def __init__(
+        self, width: int, heads: int, window: int, ff_ratio: int, *, attn_drop: float, rpb_std: float
+    ) -> None:
         super().__init__()
         self.heads = heads
         self.attn_drop = attn_drop
@@ -347,7 +349,7 @@ class _EncoderStage(nn.Module):
         self.coarsen = None if first else Coarsen(w)
         self.z_proj = nn.Linear(cfg.in_dim if first else w, w)
         self.layers = nn.ModuleList(
-            RefinementLayer(w, cfg.heads, cfg.window, cfg.ff_ratio, cfg.attn_drop, cfg.rpb_std) for _ in range(depth)
+            RefinementLayer(w, cfg.heads, cfg.window, cfg.ff_ratio, attn_drop=cfg.attn_drop, rpb_std=cfg.rpb_std) for _ in range(depth)
         )
 
 
@@ -358,7 +360,7 @@ class _DecoderStage(nn.Module):
         self.uncoarsen = Uncoarsen(in_width, w)
         self.z_proj = nn.Linear(in_width, w)
         self.layers = nn.ModuleList(
-            RefinementLayer(w, cfg.heads, cfg.window, cfg.ff_ratio, cfg.attn_drop, cfg.rpb_std) for _ in range(depth)
+            RefinementLayer(w, cfg.heads, cfg.window, cfg.ff_ratio, attn_drop=cfg.attn_drop, rpb_std=cfg.rpb_std) for _ in range(depth)
         )
 
 

@@ -458,9 +458,9 @@ class MMAP(StpredModel):
         """
         check_one_of(phase, (1, 2), name="phase")
         for p in self.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(requires_grad=False)
         for p in self._phase_parameters(phase):
-            p.requires_grad_(True)
+            p.requires_grad_(requires_grad=True)
         self._phase = int(phase)
         self.current_phase.fill_(int(phase))
 
@@ -742,10 +742,8 @@ class MMAP(StpredModel):
         tokens, key_mask = self._prototype_tokens(feature, batch[BatchKeys.SLIDE])
         fused = self.global_attn(tokens, key_mask)
         head3 = self.head3(fused)
-        if self.config.head_weights == "reference":
-            pred = 0.5 * (pred1 + head3)  # ¼·head1 + ¼·head2 + ½·head3
-        else:
-            pred = (2.0 * pred1 + head3) / 3.0  # mean of head1, head2, head3
+        # "reference": ¼·head1 + ¼·head2 + ½·head3; otherwise the plain mean of head1, head2, head3
+        pred = 0.5 * (pred1 + head3) if self.config.head_weights == "reference" else (2.0 * pred1 + head3) / 3.0
         return {"pred": pred, "pred1": pred1, "feature": feature, "fused": fused}
 
     def features(self, batch: Mapping[str, Tensor]) -> Tensor:

@@ -35,16 +35,16 @@ def _in_ipython() -> bool:
     return get_ipython() is not None
 
 
-def should_show(show: bool | None) -> bool:
+def should_show(*, show: bool | None) -> bool:
     """Resolve ``show=None``: show only in an interactive session with an interactive backend."""
     if show is not None:
         return bool(show)
-    import matplotlib
+    import matplotlib as mpl
 
-    backend = str(matplotlib.get_backend()).lower()
+    backend = str(mpl.get_backend()).lower()
     if backend in _NON_INTERACTIVE:
         return False
-    return bool(matplotlib.is_interactive() or _in_ipython())
+    return bool(mpl.is_interactive() or _in_ipython())
 
 
 def finish(fig: Figure, result: Any, *, show: bool | None, save: str | Path | None) -> Any:
@@ -54,7 +54,7 @@ def finish(fig: Figure, result: Any, *, show: bool | None, save: str | Path | No
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=150, bbox_inches="tight")
         logger.info("Saved figure to %s", path)
-    if should_show(show):
+    if should_show(show=show):
         import matplotlib.pyplot as plt
 
         plt.show()

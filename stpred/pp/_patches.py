@@ -543,10 +543,7 @@ def _plan_section(
             "Check the spot coordinates and the image transformation."
         )
         raise ValueError(msg)
-    if mpp is None:
-        windows = dict(sizes)
-    else:
-        windows = {k: max(1, round(s * mpp / level_mpp)) for k, s in sizes.items()}
+    windows = dict(sizes) if mpp is None else {k: max(1, round(s * mpp / level_mpp)) for k, s in sizes.items()}
     _warn_padding(section, cx, cy, windows, height=height, width=width)
     return _SectionPlan(section, rows, level, cx, cy, windows, level_mpp)
 

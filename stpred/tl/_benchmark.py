@@ -196,7 +196,7 @@ def benchmark(
     folds = protocol_folds(table, protocol, n_folds=n_folds, group_key=group_key)
     patient_of = _patients(table, group_key)
     selection = dict(stpred_uns(table).get("gene_selection", {}))
-    plans = [_gene_plan(fold, selection, reselect_genes, patient_of) for fold in folds]
+    plans = [_gene_plan(fold, selection, reselect=reselect_genes, patient_of=patient_of) for fold in folds]
     for fold in folds:
         check_no_leak(fold, protocol, patient_of)
     if any(p == "reselect" for p in plans):
@@ -304,7 +304,7 @@ def _patients(table: AnnData, group_key: str) -> dict[str, str]:
 
 
 def _gene_plan(
-    fold: Mapping[str, Any], selection: Mapping[str, Any], reselect: bool | None, patient_of: Mapping[str, str]
+    fold: Mapping[str, Any], selection: Mapping[str, Any], *, reselect: bool | None, patient_of: Mapping[str, str]
 ) -> str:
     """``"keep"`` or ``"reselect"`` for one fold; refuses a kept panel that saw a test section."""
     if selection.get("flavor") == "list":

@@ -207,7 +207,9 @@ def cross_validate(
             msg = f"`{forbidden}=` is set by the protocol in `cross_validate`; remove it."
             raise TypeError(msg)
     target = target_matrix(table)
-    bases, embedding = _baselines(table, baseline, baselines, fit_kwargs.get("embedding_key"))
+    bases, embedding = _baselines(
+        table, baseline=baseline, baselines=baselines, embedding_key=fit_kwargs.get("embedding_key")
+    )
     if protocol == "slide-wise":
         folds = slide_wise_folds(table, n_folds=n_folds, group_key=group_key)
     else:
@@ -334,7 +336,7 @@ def cross_validate(
 
 
 def _baselines(
-    table: Any, baseline: bool, baselines: Sequence[str] | None, embedding_key: str | None
+    table: Any, *, baseline: bool, baselines: Sequence[str] | None, embedding_key: str | None
 ) -> tuple[list[str], str | None]:
     """Keys of the baselines to score (``baseline_mean``, ``baseline_ridge``) and the embedding the ridge reads."""
     from ._inputs import _embedding_key

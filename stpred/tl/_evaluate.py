@@ -120,12 +120,12 @@ def score_arrays(
                 scores.update(metrics.hist_metrics(pred[mask], raw[mask]))
             per_group[label] = scores
             for metric, value in scores.items():
-                rows.append(_row(key, label, metric, value, int(mask.sum()), nan_counts.get(label, 0)))
+                rows.append(_row(key, label, metric, value, n_spots=int(mask.sum()), n_nan=nan_counts.get(label, 0)))
         sections = [lab for lab, _ in groups if lab != POOLED_GROUP]
         if sections:
             for metric in per_group[POOLED_GROUP]:
                 value = float(np.mean([per_group[lab][metric] for lab in sections]))
-                rows.append(_row(key, mean_label, metric, value, true.shape[0], nan_counts.get(POOLED_GROUP, 0)))
+                rows.append(_row(key, mean_label, metric, value, n_spots=true.shape[0], n_nan=nan_counts.get(POOLED_GROUP, 0)))
         _warn_constant(key, per_group[POOLED_GROUP], constant)
     for key, other in compare:
         result = metrics.compare_pcc_gene(preds[key], preds[other], true, groups=labels, n_boot=n_boot, seed=seed)
@@ -135,7 +135,9 @@ def score_arrays(
                 continue
             if label == "mean_over_sections":
                 label = mean_label
-            row = _row(key, label, "pcc_gene_diff", r["difference"], r["n_spots"], nan_counts.get(label, 0))
+            row = _row(
+                key, label, "pcc_gene_diff", r["difference"], n_spots=r["n_spots"], n_nan=nan_counts.get(label, 0)
+            )
             row.update({"comparator": other, **{c: r[c] for c in COMPARE_COLUMNS[1:]}})
             rows.append(row)
     frame = pd.DataFrame(rows)
@@ -146,7 +148,7 @@ def score_arrays(
     return frame
 
 
-def _row(key: str, group: str, metric: str, value: float, n_spots: int, n_nan: int) -> dict[str, Any]:
+def _row(key: str, group: str, metric: str, value: float, *, n_spots: int, n_nan: int) -> dict[str, Any]:
     return {
         "key": key,
         "group": group,
@@ -159,7 +161,7 @@ def _row(key: str, group: str, metric: str, value: float, n_spots: int, n_nan: i
 
 def _warn_constant(key: str, pooled: Mapping[str, float], constant: str) -> None:
     n_const, n_excl = int(pooled["n_genes_constant"]), int(pooled["n_genes_excluded"])
-    if constant == "exclude" and 0 < n_const and np.isfinite(pooled["pcc_gene"]):
+    if constant == "exclude" and n_const > 0 and np.isfinite(pooled["pcc_gene"]):
         warnings.warn(
             f"Layer {key!r} has a (near-)constant prediction for {n_const} gene(s); pcc_gene averages over the "
             f"others ({n_excl} gene(s) excluded, see `n_genes_excluded`). Pass `constant='zero'` to score them as 0.",

@@ -13,9 +13,11 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -340,7 +342,7 @@ def _load_weights(file: Path, model: nn.Module, manifest: dict[str, Any]) -> Non
 
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises RuntimeError, pickle/EOF/zip errors depending on the damage
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError) as err:
         msg = f"{file} cannot be read as saved weights ({type(err).__name__}: {err}). Save the predictor again."
         raise PredictorFileError(msg) from None
     if not isinstance(state, dict):

@@ -164,7 +164,7 @@ def _prediction_table(sdata: SpatialData, predictor: Predictor, *, table_key: st
     if not absent:
         select_genes(sdata, genes=predictor.genes, table_key=layout.table_key, key_added=table_key)
     else:
-        _table_with_missing(sdata, predictor, absent, layout.table_key, table_key, method)
+        _table_with_missing(sdata, predictor, absent, raw_key=layout.table_key, table_key=table_key, method=method)
     try:
         if not absent:
             normalize(sdata, method=method, table_key=table_key)
@@ -184,7 +184,7 @@ def _prediction_table(sdata: SpatialData, predictor: Predictor, *, table_key: st
 
 
 def _table_with_missing(
-    sdata: SpatialData, predictor: Predictor, absent: list[str], raw_key: str, table_key: str, method: str
+    sdata: SpatialData, predictor: Predictor, absent: list[str], *, raw_key: str, table_key: str, method: str
 ) -> None:
     """The prediction table when some of the predictor's genes are not measured: their counts and targets NaN."""
     from anndata import AnnData

@@ -138,7 +138,7 @@ class TrainRunner:
             )
         return self._fingerprint
 
-    def _start_state(self, resume: bool) -> dict[str, Any]:
+    def _start_state(self, *, resume: bool) -> dict[str, Any]:
         """The run state to continue (``resume``) or a new one; refuses a folder that holds another run."""
         import time
 
@@ -192,7 +192,7 @@ class TrainRunner:
         from ._trainer import train_model
 
         model = self.model
-        state = self._start_state(resume)
+        state = self._start_state(resume=resume)
         completed: dict[str, Any] = state["completed"]
         rows = np.concatenate(self.train_groups)
         model.init_head_bias(self.store.tensors[BatchKeys.TARGET][rows].float().mean(0))

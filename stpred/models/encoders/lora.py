@@ -49,9 +49,9 @@ class _AdapterBase(nn.Linear):
         self.out_features = base.out_features
         self.weight = base.weight
         self.bias = base.bias
-        self.weight.requires_grad_(False)
+        self.weight.requires_grad_(requires_grad=False)
         if self.bias is not None:
-            self.bias.requires_grad_(False)
+            self.bias.requires_grad_(requires_grad=False)
         self.rank = rank
         self.alpha = float(alpha)
         self.scaling = float(alpha) / rank
@@ -226,7 +226,7 @@ def inject_lora(
         raise ValueError(msg)
     if freeze:
         for p in vit.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(requires_grad=False)
     names = []
     for i in range(depth - n_blocks, depth):
         for target in targets:
