@@ -31,9 +31,8 @@ import re
 import resource
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +41,9 @@ from torch import Tensor, nn
 from stpred.models._augment import standardize
 from stpred.models.encoders.resnet import ResNet
 from stpred.models.hifusion import HiFusion
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

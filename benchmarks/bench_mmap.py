@@ -20,14 +20,16 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from stpred.models._kmeans import kmeans
 from stpred.models.mmap import MMAP
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -29,9 +29,8 @@ import resource
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +38,9 @@ import stpred
 from stpred._provenance import versions
 from stpred.pp import _patches
 from stpred.pp._patches import get_patch_bank
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("C2", "C3", "C4", "C5", "C6")

@@ -6,11 +6,12 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import pandas as pd
 
 #: A CPU-friendly HiFusion: the paper's structure (3 spot levels, context branch, cross-attention) at 1/4 width

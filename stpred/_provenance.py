@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,8 @@ import numpy as np
 from ._constants import UNS_KEY
 
 if TYPE_CHECKING:
+    import os
+
     from anndata import AnnData
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._constants import STPRED_TABLE
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
     from anndata import AnnData
     from spatialdata import SpatialData
 

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import gzip
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -9,6 +9,9 @@ import pytest
 from PIL import Image
 
 import stpred
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PITCH = 16  # pixels between neighbouring spots of the tiny legacy-ST section
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -13,6 +12,8 @@ from stpred.pp import PatchBank
 from stpred.pp._patches import get_patch_bank
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from spatialdata import SpatialData
 
 SIZE, CONTEXT = 16, 48  # the tiny images are 192 px with spots every 32 px, centres at 16, 48, ...

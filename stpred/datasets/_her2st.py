@@ -8,13 +8,14 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .._validate import check_sections
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from spatialdata import SpatialData
 
 logger = logging.getLogger(__name__)

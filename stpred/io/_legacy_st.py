@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 import warnings
-from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +15,9 @@ import pandas as pd
 from .._constants import INSTANCE_KEY, PATIENT_KEY, REGION_KEY, SECTION_KEY, SPATIAL_KEY, UNS_KEY, image_key, shapes_key
 
 if TYPE_CHECKING:
+    import os
+    from collections.abc import Iterator, Sequence
+
     import geopandas as gpd
     import xarray as xr
     from anndata import AnnData

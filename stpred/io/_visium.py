@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from pathlib import Path
@@ -14,6 +13,8 @@ import numpy as np
 from .._constants import VISIUM_PITCH_UM, VISIUM_SPOT_DIAMETER_UM
 
 if TYPE_CHECKING:
+    import os
+
     from spatialdata import SpatialData
 
 _VALID_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")

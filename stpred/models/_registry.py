@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ._base import StpredModel
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 M = TypeVar("M", bound=type[StpredModel])
 

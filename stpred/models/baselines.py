@@ -17,9 +17,8 @@ rows it is scored on. Everything is linear, so the fitted model is stored as one
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -28,6 +27,9 @@ from torch import Tensor
 from .._constants import BatchKeys
 from ._base import StpredModel, TrainDefaults
 from ._registry import register_model
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 #: Store key of the context embedding that :meth:`Ridge.prepare_slides` adds.
 CONTEXT_EMBEDDING = "context_embedding"

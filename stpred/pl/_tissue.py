@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -12,6 +11,8 @@ from .._docs import doc_params
 from ._utils import doc_show_save, finish, frame_section, image_levels, new_axes, section_image
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure

@@ -7,7 +7,6 @@ import math
 import shutil
 import warnings
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +24,7 @@ from ..io._anndata import accepts_anndata, cache_owner
 
 if TYPE_CHECKING:
     import os
+    from collections.abc import Sequence
 
     from anndata import AnnData
     from spatialdata import SpatialData

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from ._cv import _PROTOCOLS as _CV_PROTOCOLS
 from ._evaluate import MEAN_GROUP, POOLED_GROUP
 
 if TYPE_CHECKING:
+    import os
+
     from anndata import AnnData
     from spatialdata import SpatialData
 

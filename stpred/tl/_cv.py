@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -18,6 +17,8 @@ from .._validate import check_one_of, get_table
 from ._evaluate import MEAN_GROUP, POOLED_GROUP
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from spatialdata import SpatialData
 
 logger = logging.getLogger(__name__)

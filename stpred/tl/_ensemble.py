@@ -8,8 +8,6 @@ and their spread the (epistemic) uncertainty.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +18,9 @@ from .._constants import STPRED_TABLE
 from .._provenance import plain, versions, write_json
 
 if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
     from spatialdata import SpatialData
 
     from ._predictor import Predictor

@@ -7,7 +7,6 @@ built once here and the engine's :func:`~stpred.train._trainer.run_inference` ru
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,8 @@ from .._constants import STPRED_TABLE
 from .._validate import get_table
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from spatialdata import SpatialData
 
     from ..models import StpredModel

@@ -10,8 +10,6 @@ hundreds of feature dimensions.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
     from ..models import StpredModel
     from ..train import TensorStore
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -20,6 +19,8 @@ from ._region import predict_region
 from ._uncertainty import check_options, predict_extras
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from spatialdata import SpatialData
 
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from .._constants import STPRED_TABLE
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import numpy as np
     from spatialdata import SpatialData
 
 UNCERTAINTY = (None, "mc_dropout", "ensemble")

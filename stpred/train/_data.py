@@ -6,13 +6,15 @@ makes the loader cheap; when the store fits on the GPU the gather runs there and
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping, Sequence
 
 #: Key of the index batches the loaders yield (replaced by the gathered batch on the device).
 INDEX_KEY = "index"

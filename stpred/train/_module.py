@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 
 from .._constants import BatchKeys
-from ..models._base import StpredModel, TrainDefaults
 from ._data import INDEX_KEY, TensorStore
+
+if TYPE_CHECKING:
+    from ..models._base import StpredModel, TrainDefaults
 
 
 class StpredModule(L.LightningModule):

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from .._constants import BatchKeys
 from ..models._base import StpredModel, TrainDefaults
-from ._data import TensorStore
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
+    from ._data import TensorStore
 
 #: ``trainer_kwargs`` keys that the runner sets itself, with the argument to use instead.
 RESERVED_TRAINER_KWARGS = {

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import logging
-import os
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
-import pandas as pd
 import torch
 
-from ..models._base import StpredModel, TrainDefaults
 from ._callbacks import HistoryCallback
 from ._data import IndexDataModule, TensorStore
 from ._module import StpredModule
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
+    import pandas as pd
+
+    from ..models._base import StpredModel, TrainDefaults
 
 logger = logging.getLogger(__name__)
 

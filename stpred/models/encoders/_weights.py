@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import os
 import pickle
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    import os
 
 logger = logging.getLogger(__name__)
 

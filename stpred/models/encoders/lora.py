@@ -12,12 +12,15 @@ views with three adapter sets. Both subclass :class:`torch.nn.Linear` and reuse 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
 
 __all__ = ["LoRALinear", "MultiLoRALinear", "active_adapter", "inject_lora", "lora_parameters", "merge_lora"]
 

@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
