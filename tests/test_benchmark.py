@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 import stpred
+from stpred._provenance import finite_json
 from stpred.models import StpredModel, TrainDefaults, register_model, unregister_model
-from stpred.tl._benchmark import check_no_leak, strict_json
+from stpred.tl._benchmark import check_no_leak
 
 EMB = "X_emb_test"
 
@@ -181,4 +182,4 @@ def test_fit_store_holds_no_test_targets(monkeypatch):
 
 
 def test_strict_json_replaces_non_finite():
-    assert strict_json({"a": [1.0, float("nan"), np.float32("inf")], "b": np.int64(3)}) == {"a": [1.0, None, None], "b": 3}
+    assert finite_json({"a": [1.0, float("nan"), np.float32("inf")], "b": np.int64(3)}) == {"a": [1.0, None, None], "b": 3}

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,7 +14,7 @@ import pandas as pd
 
 from .._constants import PATIENT_KEY, SECTION_KEY, STPRED_TABLE, UNS_KEY
 from .._docs import doc_params, doc_sdata
-from .._provenance import plain, record, stpred_uns
+from .._provenance import dumps_json, plain, record, stpred_uns
 from .._validate import check_one_of, get_table
 from ._cv import _PROTOCOLS as _CV_PROTOCOLS
 from ._evaluate import MEAN_GROUP, POOLED_GROUP
@@ -543,19 +541,6 @@ def _columns(scores: pd.DataFrame) -> dict[str, list[Any]]:
     return out
 
 
-def strict_json(value: Any) -> Any:
-    """``value`` with every NaN or infinite float replaced by ``None`` (so ``json.dumps(allow_nan=False)`` works)."""
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): strict_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict_json(v) for v in value]
-    if isinstance(value, np.generic):
-        return strict_json(value.item())
-    return value
-
-
 def write_json(path: str | os.PathLike, scores: pd.DataFrame, protocol: Mapping[str, Any]) -> Path:
     """Write ``{"protocol", "summary", "scores"}`` to ``path`` as strict JSON (atomically replaced)."""
     path = Path(path)
@@ -565,9 +550,8 @@ def write_json(path: str | os.PathLike, scores: pd.DataFrame, protocol: Mapping[
         "summary": summarize(scores).to_dict(orient="records") if len(scores) else [],
         "scores": scores.to_dict(orient="records"),
     }
-    text = json.dumps(strict_json(plain_records(body)), indent=1, allow_nan=False)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(dumps_json(plain_records(body), indent=1) + "\n")
     tmp.replace(path)
     return path
 
