@@ -1,14 +1,18 @@
-"""Accuracy on the real HER2 sections under the sample-specific protocol (train C2, test C3–C6).
+"""The HER2 sample-specific benchmark (train C2, test C3–C6): models at a preset beside the mean and ridge baselines.
 
-Runs `stpred.tl.cross_validate(..., protocol="sample-specific")` for one model with a CPU-sized budget and writes
-every metric (per test section and pooled) beside the training-mean baseline to
-``benchmarks/results/her2st_<model>_<device>.json``.
+Runs :func:`stpred.tl.benchmark` — gene panel chosen on C2 only, validation from scattered spatial blocks of C2,
+per-section PCC as the headline with pooled PCC beside it, paired per-gene differences to both baselines with
+bootstrap intervals, several seeds — and writes one strict-JSON table (rewritten after every fitted model, so an
+interrupted run keeps what finished) to ``benchmarks/results/her2st_protocol_<preset>.json``.
+
+Crops: HiST and the ridge read ResNet-18 embeddings (random initialisation, as HiST's CPU runs here) of 224 px
+native crops (~150 µm); HiFusion and MMAP read the crops of their preset (``stpred.models.get_preset``), resampled
+so that they cover the same ~150 µm field.
 
 Examples
 --------
-python benchmarks/her2st_protocol.py hifusion --epochs 30 --width 16
-python benchmarks/her2st_protocol.py hist --epochs 100 --encoder resnet18
-python benchmarks/her2st_protocol.py mmap --epochs 5
+python benchmarks/her2st_protocol.py --models mean ridge --seeds 0 1 2
+python benchmarks/her2st_protocol.py --models mean ridge hist mmap hifusion --preset cpu --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -22,21 +26,16 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+EMBEDDING = "X_emb_resnet18"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=["hifusion", "hist", "mmap"])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--width", type=int, default=None, help="HiFusion trunk width / HiST width")
+    parser.add_argument("--models", nargs="+", default=["mean", "ridge", "hist", "mmap", "hifusion"])
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--n-top", type=int, default=250)
-    parser.add_argument("--encoder", default="resnet18", help="patch encoder for HiST embeddings")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--size", type=int, default=224, help="spot crop side in pixels")
-    parser.add_argument("--mpp", type=float, default=None, help="resample crops to this µm/px (default native)")
-    parser.add_argument("--backbone", default=None, help="MMAP ViT backbone (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--path", default=os.environ.get("STPRED_HER2ST"))
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -44,88 +43,55 @@ def main() -> None:
     import torch
 
     import stpred
+    from stpred.models import get_preset
 
     t0 = time.perf_counter()
     sdata = stpred.datasets.her2st(args.path)
     stpred.pp.select_genes(sdata, n_top=args.n_top, sections=["C2"])
     stpred.pp.normalize(sdata)
-    kwargs: dict = {}
-    if args.model == "hifusion":
-        stpred.pp.extract_patches(sdata, size=args.size, context_size=2 * args.size, mpp=args.mpp)
-        kwargs.update(spot_size=args.size, context_size=2 * args.size)
-        if args.width:
-            kwargs["width"] = args.width
-    elif args.model == "hist":
-        stpred.pp.extract_patches(sdata, size=args.size, context_size=None, mpp=args.mpp)
-        stpred.pp.embed(sdata, encoder=args.encoder)
-        kwargs["embedding_key"] = f"X_emb_{args.encoder}"
-        if args.width:
-            kwargs["width"] = args.width
-    else:
-        stpred.pp.extract_patches(sdata, size=args.size, context_size=None, mpp=args.mpp)
-        if args.backbone:
-            kwargs["backbone"] = args.backbone
-        kwargs["backbone_kwargs"] = {"img_size": args.size}
+    if {"ridge", "hist"} & set(args.models):
+        stpred.pp.extract_patches(sdata, size=224, context_size=None, progress=False)
+        stpred.pp.embed(sdata, encoder="resnet18")
+    crops = {}
+    for name in args.models:
+        patches = dict(get_preset(name, args.preset).patches)
+        if patches and name not in ("hist",):
+            crops[(patches["size"], patches.get("context_size"), patches["field_um"])] = name
+    for (size, context, field_um), _ in sorted(crops.items(), key=lambda kv: (kv[0][1] is not None, kv[0])):
+        stpred.pp.extract_patches(sdata, size=size, context_size=context, mpp=field_um / size, progress=False)
     prep = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    result = stpred.tl.cross_validate(
-        sdata,
-        args.model,
-        protocol="sample-specific",
-        max_epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        progress=False,
-        **kwargs,
-    )
-    fit_s = time.perf_counter() - t1
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or 'x86_64'})"
-    frame = result.metrics
-    pooled = frame[frame["section"] == "pooled"].pivot_table(index="metric", columns="key", values="value")
-    out = {
-        "benchmark": "her2st sample-specific (train C2, test C3-C6)",
-        "model": args.model,
-        "config": {
-            "epochs": args.epochs, "lr": args.lr, "size": args.size, "mpp": args.mpp, "n_top": args.n_top,
-            "seed": args.seed, **kwargs,
-        },
-        "gene_panel": "top genes by mean count on the training section C2 only",
-        "validation": result.folds[0]["validation"],
-        "best": result.folds[0]["best"],
-        "device": device,
-        "torch_threads": torch.get_num_threads(),
-        "versions": stpred._provenance.versions(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "seconds": {"prepare": round(prep, 1), "cross_validate": round(fit_s, 1)},
-        "pooled": {k: {m: float(v) for m, v in pooled[k].items()} for k in pooled.columns},
-        "per_section": frame.to_dict(orient="records"),
-        "history": result.histories[0].to_dict(orient="records"),
-    }
-    if args.model == "mmap":
-        from stpred import metrics
 
-        out["mmap_paper_metric"] = _mmap_metric(sdata, result.key, metrics)
     RESULTS.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if torch.cuda.is_available() else "cpu"
-    path = Path(args.out) if args.out else RESULTS / f"her2st_{args.model}_{tag}.json"
-    path.write_text(json.dumps(out, indent=2, default=str))
-    print(json.dumps({"pooled": out["pooled"], "seconds": out["seconds"]}, indent=2))
-    print(f"wrote {path}")
-
-
-def _mmap_metric(sdata, key, metrics) -> dict:
-    """MMAP's headline number (per-gene PCC on test spots pooled across sections) beside the per-section mean."""
-    import numpy as np
-
-    table = sdata.tables["stpred"]
-    pred = table.layers[key]
-    test = ~np.isnan(pred).any(axis=1)
-    pooled = metrics.pcc_gene(pred[test], table.layers["target"][test])
-    sections = table.obs["section"].astype(str).to_numpy()
-    per = [metrics.pcc_gene(pred[test & (sections == s)], table.layers["target"][test & (sections == s)])
-           for s in dict.fromkeys(sections[test])]
-    return {"pcc_gene_pooled_across_sections": float(pooled), "pcc_gene_mean_of_sections": float(np.nanmean(per))}
+    out = Path(args.out) if args.out else RESULTS / f"her2st_protocol_{args.preset}_{tag}.json"
+    t1 = time.perf_counter()
+    result = stpred.tl.benchmark(
+        sdata,
+        {name: {"preset": args.preset} for name in args.models},
+        protocol="sample-specific",
+        seeds=tuple(args.seeds),
+        embedding_key=EMBEDDING,
+        n_boot=args.n_boot,
+        path=out,
+        progress=False,
+    )
+    body = json.loads(out.read_text())
+    body["environment"] = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})",
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+        "versions": stpred._provenance.versions(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "seconds": {"prepare": round(prep, 1), "benchmark": round(time.perf_counter() - t1, 1)},
+        "presets": {m: get_preset(m, args.preset).description for m in args.models},
+        "command": "python benchmarks/her2st_protocol.py " + " ".join(
+            ["--models", *args.models, "--preset", args.preset, "--seeds", *map(str, args.seeds)]
+        ),
+    }
+    out.write_text(json.dumps(body, indent=1, allow_nan=False))
+    print(result)
+    print(result.summary().to_string())
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -219,9 +219,12 @@ def test_validation_never_from_test_sections(prepared):
     assert info["rule"] == "spatial blocks"
     rows = np.flatnonzero((table.obs["section"] == "S2").to_numpy())
     assert sorted(np.concatenate([train["S2"], val["S2"]])) == sorted(rows)
-    # the block is contiguous along x: every validation spot lies within the strip's x range
-    x = table.obsm["spatial"][:, 0]
-    assert x[val["S2"]].max() < x[train["S2"]].max() or x[val["S2"]].min() > x[train["S2"]].min()
+    # one block in each of the 5 equal-count x columns: validation spots span the section, not one strip
+    x = table.obsm["spatial"][rows, 0]
+    column = np.empty(len(rows), int)
+    column[np.lexsort((table.obsm["spatial"][rows, 1], x))] = np.arange(len(rows)) * 5 // len(rows)
+    assert set(column[np.isin(rows, val["S2"])]) == set(range(5))
+    assert info["n_blocks"] == 5
     assert 0.1 < len(val["S2"]) / len(rows) < 0.35
     with pytest.raises(ValueError, match="also training sections"):
         validation_split(table, ["S0", "S1"], val=["S1"])

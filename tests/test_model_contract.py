@@ -186,7 +186,7 @@ def test_unknown_model_lists_builtins_in_a_fresh_process():
     code = "import stpred\ntry:\n    stpred.models.get_model('nope')\nexcept ValueError as e:\n    print(e)\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "Unknown model 'nope'" in out
-    assert "'hifusion', 'hist', 'mmap'" in out
+    assert "'hifusion', 'hist', 'mean', 'mmap', 'ridge'" in out
 
 
 def test_fit_accepts_numpy_ints_and_user_callbacks(registered, sdata):

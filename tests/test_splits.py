@@ -29,11 +29,11 @@ def test_spatial_block_split_works_for_every_seed(n_columns):
         train, val, info = validation_split(table, ["S0"], seed=seed)
         assert info["rule"] == "spatial blocks"
         tr, va = train["S0"], val["S0"]
-        assert len(va) in (5, 6), (seed, len(va))  # one of 5 strips of equal counts
+        assert 4 <= len(va) <= 7, (seed, len(va))  # about 1/5 of the spots: one block in each of 5 columns
         assert len(np.intersect1d(tr, va)) == 0
         assert sorted(np.concatenate([tr, va])) == list(range(29))
-        # a block along x: no training spot lies strictly inside the validation strip's x range
-        assert not ((x[tr] > x[va].min()) & (x[tr] < x[va].max())).any()
+        # scattered over the section: validation spots in more than one x position
+        assert len(np.unique(x[va])) >= min(2, n_columns)
 
 
 def test_spatial_block_split_says_what_it_needs():

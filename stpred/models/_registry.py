@@ -11,7 +11,13 @@ M = TypeVar("M", bound=type[StpredModel])
 
 _MODELS: dict[str, type[StpredModel]] = {}
 #: Built-in models, imported on first use so that ``import stpred.models`` stays light.
-_BUILTIN = {"hifusion": "stpred.models.hifusion", "hist": "stpred.models.hist", "mmap": "stpred.models.mmap"}
+_BUILTIN = {
+    "hifusion": "stpred.models.hifusion",
+    "hist": "stpred.models.hist",
+    "mmap": "stpred.models.mmap",
+    "mean": "stpred.models.baselines",
+    "ridge": "stpred.models.baselines",
+}
 
 
 def _import_builtin(name: str | None = None) -> None:
@@ -79,7 +85,8 @@ def get_model(name: str) -> type[StpredModel]:
     Parameters
     ----------
     name
-        A registered name (case-insensitive), e.g. ``"hifusion"``, ``"hist"``, ``"mmap"``.
+        A registered name (case-insensitive), e.g. ``"hifusion"``, ``"hist"``, ``"mmap"``, or the baselines
+        ``"mean"`` and ``"ridge"``.
 
     Returns
     -------

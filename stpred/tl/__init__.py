@@ -15,6 +15,8 @@ _NAMES = {
     "evaluate": "_evaluate",
     "cross_validate": "_cv",
     "CVResult": "_cv",
+    "benchmark": "_benchmark",
+    "BenchmarkResult": "_benchmark",
     "domains": "_domains",
     "domain_agreement": "_domains",
     "spatial_autocorr_agreement": "_domains",
@@ -22,6 +24,7 @@ _NAMES = {
 __getattr__, __dir__, __all__ = attach(__name__, _NAMES)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ._benchmark import BenchmarkResult, benchmark
     from ._cv import CVResult, cross_validate
     from ._domains import domain_agreement, domains, spatial_autocorr_agreement
     from ._evaluate import evaluate

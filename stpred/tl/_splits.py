@@ -56,9 +56,12 @@ def validation_split(
         Sections available for training (never test sections).
     val
         ``None``: automatic — held-out patients when the training sections span at least two patients
-        (``ceil(val_fraction × n_patients)`` of them), otherwise a spatial block of every training section: the
-        spots ranked along x (ties broken by y) are cut into ``round(1 / val_fraction)`` strips of equal counts
-        and one strip, chosen by ``seed``, is held out. Works for any section of at least 2 spots and any seed. A list of section names: those
+        (``ceil(val_fraction × n_patients)`` of them), otherwise scattered spatial blocks of every training
+        section: ``n = round(1 / val_fraction)`` equal-count columns along x, each cut into ``n`` blocks along y,
+        and one random block of every column held out (about ``val_fraction`` of the spots, spread over the whole
+        section so that the best epoch is not chosen on one atypical strip). A section too small for that holds
+        out one of ``n`` equal-count strips along x instead, so any section of at least 2 spots works with any
+        seed. A list of section names: those
         sections (they must not be training sections). ``False``: no validation (the last epoch is kept).
     val_fraction
         Fraction of patients or spots held out by the automatic rule.
@@ -113,7 +116,7 @@ def validation_split(
         raise KeyError(msg)
     xy = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)
     train, valr = {}, {}
-    n_strips = max(2, round(1 / val_fraction))
+    n_blocks = max(2, round(1 / val_fraction))
     for s in train_sections:
         rows = np.flatnonzero(col == s)
         if len(rows) < 2:
@@ -122,15 +125,53 @@ def validation_split(
                 "on, one to validate). Pass `val=[...]` sections or `val=False`."
             )
             raise ValueError(msg)
-        # strips of equal spot counts along x (ties broken by y): never empty, whatever the grid or the seed
-        order = rows[np.lexsort((rows, xy[rows, 1], xy[rows, 0]))]
-        strips = [chunk for chunk in np.array_split(order, n_strips) if len(chunk)]
-        strip = int(rng.integers(n_strips)) % len(strips)
-        in_val = np.isin(rows, strips[strip])
+        in_val = _scattered_blocks(xy[rows], n_blocks, rng)
+        if in_val.all() or not in_val.any():
+            # too few spots for n × n blocks: one strip of equal spot counts along x (ties by y), never empty
+            order = np.lexsort((np.arange(len(rows)), xy[rows, 1], xy[rows, 0]))
+            strips = [chunk for chunk in np.array_split(order, n_blocks) if len(chunk)]
+            in_val = np.zeros(len(rows), dtype=bool)
+            in_val[strips[int(rng.integers(n_blocks)) % len(strips)]] = True
         train[s] = rows[~in_val]
         valr[s] = rows[in_val]
-    description = {"rule": "spatial blocks", "fraction": val_fraction, "n_strips": n_strips, "axis": "x"}
-    return train, valr, description
+    layout = (
+        f"{n_blocks} equal-count columns along x, each cut into {n_blocks} equal-count blocks along y; one random "
+        "block per column is held out"
+    )
+    return train, valr, {"rule": "spatial blocks", "fraction": val_fraction, "n_blocks": n_blocks, "layout": layout}
+
+
+def _scattered_blocks(xy: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Validation mask: ``n`` equal-count columns along x, each cut in ``n`` blocks along y, one block per column.
+
+    Holding out one block in every column spreads the validation spots over the whole section (the best epoch is
+    chosen on several regions, not on one strip whose tissue may be atypical) while each block stays spatially
+    contiguous; about ``1/n`` of the spots are held out.
+    """
+    m = len(xy)
+    order = np.lexsort((xy[:, 1], xy[:, 0]))  # by x, ties by y
+    column = np.empty(m, dtype=np.int64)
+    column[order] = np.arange(m) * n // max(m, 1)
+    in_val = np.zeros(m, dtype=bool)
+    for c in range(n):
+        members = np.flatnonzero(column == c)
+        if not len(members):
+            continue
+        by_y = members[np.lexsort((xy[members, 0], xy[members, 1]))]
+        block = np.arange(len(by_y)) * n // len(by_y)
+        in_val[by_y[block == int(rng.integers(n))]] = True
+    return in_val
+
+
+def targets_of_rows(target: np.ndarray, groups: Sequence[np.ndarray]) -> np.ndarray:
+    """A copy of ``target`` with NaN in every row outside ``groups`` (the training and validation rows of a fit).
+
+    The training store then holds no target of a test section, so no training step, hook or statistic can read one.
+    """
+    keep = np.concatenate([np.asarray(g, dtype=np.int64) for g in groups]) if len(groups) else np.zeros(0, np.int64)
+    out = np.full_like(target, np.nan)
+    out[keep] = target[keep]
+    return out
 
 
 def slide_wise_folds(table: AnnData, *, n_folds: int, group_key: str = PATIENT_KEY) -> list[dict[str, Any]]:
