@@ -98,3 +98,38 @@ def test_cross_validate_constant_zero_and_checks(stubbed):
         stpred.tl.cross_validate(sdata, "hist", protocol="sample-specific", constant="no", overwrite=True)
     with pytest.raises(ValueError, match="n_boot"):
         stpred.tl.cross_validate(sdata, "hist", protocol="sample-specific", n_boot=0, overwrite=True)
+
+
+def test_cross_validate_fits_the_ridge_baseline_on_the_same_folds(_prepared, monkeypatch):  # noqa: PT019
+    import spatialdata
+
+    from stpred.tl import _fit
+
+    sdata = spatialdata.deepcopy(_prepared)
+    table = sdata.tables["stpred"]
+    morph = np.asarray(sdata.tables["table"].obsm["morphology"], dtype=np.float32)
+    table.obsm["X_emb_m"] = morph
+    real_fit, calls = _fit.fit_unregistered, []
+
+    def fake_fit(sdata, model, *, train, **kwargs):
+        calls.append((model, list(train), kwargs.get("val", None)))
+        if model == "ridge":
+            return real_fit(sdata, model, train=train, **kwargs)
+        return _StubPredictor(list(train))
+
+    monkeypatch.setattr("stpred.tl._fit.fit_unregistered", fake_fit)
+    res = stpred.tl.cross_validate(sdata, "hist", protocol="sample-specific", n_boot=50, progress=False)
+    assert calls == [("hist", ["S0"], None), ("ridge", ["S0"], False)]
+    assert set(res.metrics["key"]) == {"stpred_hist_cv", "baseline_mean", "baseline_ridge"}
+    diffs = res.comparison().query("section == 'mean_over_sections'")
+    assert set(diffs["comparator"]) == {"baseline_mean", "baseline_ridge"}
+    ridge = res.overall.query("key == 'baseline_ridge' and section == 'pooled'").set_index("metric")["value"]
+    assert ridge["n_genes_excluded"] == 0
+    assert res.protocol["bootstrap"]["n_boot"] == 50
+    only_mean = stpred.tl.cross_validate(
+        sdata, "hist", protocol="sample-specific", baselines=["mean"], n_boot=50, progress=False, overwrite=True
+    )
+    assert set(only_mean.metrics["key"]) == {"stpred_hist_cv", "baseline_mean"}
+    del table.obsm["X_emb_m"]
+    with pytest.raises(KeyError, match="ridge baseline reads patch embeddings"):
+        stpred.tl.cross_validate(sdata, "hist", protocol="sample-specific", baselines=["ridge"], overwrite=True)

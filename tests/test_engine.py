@@ -256,7 +256,8 @@ def test_cross_validate_writes_oof_and_baseline(prepared):
     res = stpred.tl.cross_validate(prepared, "toy_cnn", protocol="slide-wise", n_folds=3, **FIT)
     table = prepared.tables["stpred"]
     assert np.isfinite(table.layers["stpred_toy_cnn_cv"]).all()
-    assert set(res.metrics["key"]) == {"stpred_toy_cnn_cv", "baseline_mean"}
+    # the table has an embedding (X_emb_toy): the ridge baseline runs on the same folds beside the mean
+    assert set(res.metrics["key"]) == {"stpred_toy_cnn_cv", "baseline_mean", "baseline_ridge"}
     assert res.protocol["gene_panel_includes_test_sections"] is True
     assert len(res.folds) == 3
     summary = res.summary()

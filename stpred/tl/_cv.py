@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
@@ -49,7 +50,7 @@ class CVResult:
         Tidy per-fold metrics (columns ``fold``, ``key``, ``section``, ``metric``, ``value``, ``n_spots``,
         ``n_spots_nan``) as :func:`stpred.tl.evaluate` writes them: per test section, ``"mean_over_sections"`` (the
         headline) and ``"pooled"`` (the fold's test spots stacked; pooled ``pcc_gene`` rewards per-section offsets).
-        Includes the training-mean baseline (``key == "baseline_mean"``) when requested, and then the paired
+        Includes the baselines (``key == "baseline_mean"``, ``"baseline_ridge"``) when requested, and then the paired
         per-gene PCC difference model minus baseline (``metric == "pcc_gene_diff"``, columns ``comparator``,
         ``ci_low_genes``, ``ci_high_genes``, ``ci_low_sections``, ``ci_high_sections``: 95 % bootstrap intervals).
         ``metrics.attrs["protocol"]`` states the protocol.
@@ -125,6 +126,7 @@ def cross_validate(
     key_added: str | None = None,
     overwrite: bool = False,
     baseline: bool = True,
+    baselines: Sequence[str] | None = None,
     constant: Literal["exclude", "zero"] = "exclude",
     n_boot: int = 1000,
     bootstrap_seed: int = 0,
@@ -155,8 +157,13 @@ def cross_validate(
     overwrite
         Replace an existing layer of that name.
     baseline
-        Also score the training-mean baseline of every fold (predicts each gene's mean training target) on the same
-        spots, with the paired per-gene PCC difference and its bootstrap intervals.
+        Also score baselines fitted on the training sections of every fold, on the same spots, with the paired
+        per-gene PCC difference of the model to each and its bootstrap intervals (``False``: none).
+    baselines
+        Which: ``"mean"`` (each gene's mean training target; key ``"baseline_mean"``) and ``"ridge"`` (the ridge
+        probe on the patch embeddings, :class:`stpred.models.Ridge`; key ``"baseline_ridge"``). ``None``: both
+        when the table has an embedding (``embedding_key`` in the fit arguments, or a single ``obsm["X_emb*"]``),
+        otherwise the mean only.
     constant
         How ``pcc_gene`` treats genes with a (near-)constant prediction: ``"exclude"`` (counted in
         ``n_genes_excluded``) or ``"zero"`` (see :func:`stpred.tl.evaluate`).
@@ -200,6 +207,7 @@ def cross_validate(
             msg = f"`{forbidden}=` is set by the protocol in `cross_validate`; remove it."
             raise TypeError(msg)
     target = target_matrix(table)
+    bases, embedding = _baselines(table, baseline, baselines, fit_kwargs.get("embedding_key"))
     if protocol == "slide-wise":
         folds = slide_wise_folds(table, n_folds=n_folds, group_key=group_key)
     else:
@@ -222,7 +230,6 @@ def cross_validate(
         target=target,
         sections=sections_col,
         raw=raw,
-        baseline=baseline,
         key=key,
         constant=constant,
         n_boot=n_boot,
@@ -231,7 +238,7 @@ def cross_validate(
     selection = dict(stpred_uns(table).get("gene_selection", {}))
     gene_sections = selection.get("sections")
     oof = np.full(table.shape, np.nan, dtype=np.float32)
-    base = np.full(table.shape, np.nan, dtype=np.float32)
+    base = {b: np.full(table.shape, np.nan, dtype=np.float32) for b in bases}
     fold_frames, histories = [], []
     panel_with_test = False
     for fold in folds:
@@ -253,7 +260,21 @@ def cross_validate(
         rows = np.flatnonzero(np.isin(sections_col, test))
         oof[rows] = predictor.predict(sdata, test, table_key=table_key, progress=progress)
         train_rows = np.flatnonzero(np.isin(sections_col, fold["train"]))
-        base[rows] = target[train_rows].mean(axis=0)
+        if "baseline_mean" in base:
+            base["baseline_mean"][rows] = target[train_rows].mean(axis=0)
+        if "baseline_ridge" in base:
+            ridge = fit_unregistered(
+                sdata,
+                "ridge",
+                train=fold["train"],
+                val=False,
+                seed=fit_kwargs.get("seed", 0),
+                embedding_key=embedding,
+                group_key=group_key,
+                table_key=table_key,
+                progress=progress,
+            )
+            base["baseline_ridge"][rows] = ridge.predict(sdata, test, table_key=table_key, progress=progress)
         fold_frames.append(score(rows, oof=oof, base=base).assign(fold=fold["fold"]))
 
     metrics_frame = pd.concat(fold_frames, ignore_index=True)
@@ -276,7 +297,7 @@ def cross_validate(
         truth=TARGET_LAYER,
         constant=constant,
         nan="raise",
-        compare=["baseline_mean"] if baseline else [],
+        compare=list(base),
         n_boot=n_boot,
         seed=bootstrap_seed,
         train_sections=[],
@@ -287,7 +308,7 @@ def cross_validate(
         "scored_sections": scored,
     }
     description.update({k: info[k] for k in ("genes", "transform", "split", "constant", "headline", "metrics")})
-    if baseline:
+    if base:
         description["bootstrap"] = info["bootstrap"]
     metrics_frame.attrs["protocol"] = description
     overall_frame.attrs["protocol"] = description
@@ -312,15 +333,43 @@ def cross_validate(
     return result
 
 
+def _baselines(
+    table: Any, baseline: bool, baselines: Sequence[str] | None, embedding_key: str | None
+) -> tuple[list[str], str | None]:
+    """Keys of the baselines to score (``baseline_mean``, ``baseline_ridge``) and the embedding the ridge reads."""
+    from ._inputs import _embedding_key
+
+    if not baseline:
+        return [], None
+    try:
+        embedding = _embedding_key(table, embedding_key)
+    except KeyError:
+        embedding = None
+    if baselines is None:
+        chosen = ["mean", "ridge"] if embedding is not None else ["mean"]
+    else:
+        chosen = [baselines] if isinstance(baselines, str) else list(baselines)
+        unknown = sorted(set(chosen) - {"mean", "ridge"})
+        if unknown or len(set(chosen)) != len(chosen):
+            msg = f"Expected `baselines` to be distinct names among ['mean', 'ridge'], found {chosen!r}."
+            raise ValueError(msg)
+        if "ridge" in chosen and embedding is None:
+            msg = (
+                "The ridge baseline reads patch embeddings: pass `embedding_key=` naming an entry of `obsm` (found "
+                f"{sorted(table.obsm)}), run `stpred.pp.embed(sdata, encoder=...)` first, or use baselines=['mean']."
+            )
+            raise KeyError(msg)
+    return [f"baseline_{b}" for b in chosen], embedding
+
+
 def _score(
     rows: np.ndarray,
     *,
     oof: np.ndarray,
-    base: np.ndarray,
+    base: dict[str, np.ndarray],
     target: np.ndarray,
     sections: np.ndarray,
     raw: np.ndarray | None,
-    baseline: bool,
     key: str,
     constant: Literal["exclude", "zero"],
     n_boot: int,
@@ -335,14 +384,14 @@ def _score(
         where = sorted(set(sections[rows][bad].tolist()))
         msg = f"The model predicted NaN or infinite values for {int(bad.sum())} test spot(s) (sections {where})."
         raise ValueError(msg)
-    preds = {key: pred, "baseline_mean": base[rows].astype(np.float64)} if baseline else {key: pred}
+    preds = {key: pred, **{b: values[rows].astype(np.float64) for b, values in base.items()}}
     frame = score_arrays(
         preds,
         target[rows].astype(np.float64),
         labels=sections[rows],
         raw=raw[rows] if raw is not None else None,
         constant=constant,
-        compare=[(key, "baseline_mean")] if baseline else [],
+        compare=[(key, b) for b in base],
         n_boot=n_boot,
         seed=seed,
     )
