@@ -6,7 +6,7 @@ per-gene PCC difference to each baseline with its 95 % bootstrap interval over g
 
 Examples
 --------
-python benchmarks/protocol_table.py benchmarks/results/her2st_protocol_cpu_cpu.json
+python benchmarks/protocol_table.py benchmarks/results/her2st_protocol_cpu_cpu.json [more.json ...]
 """
 
 from __future__ import annotations
@@ -17,17 +17,27 @@ import sys
 import pandas as pd
 
 
-def table(path: str) -> str:
-    body = json.loads(open(path).read())
-    scores = pd.DataFrame(body["scores"])
-    status = body["protocol"].get("status", "unknown")
+def table(*paths: str) -> str:
+    """One table from one or more JSON files of the same protocol (a model and seed found twice is kept once)."""
+    bodies = [json.loads(open(p).read()) for p in paths]
+    frames, seen = [], set()
+    for body in bodies:
+        frame = pd.DataFrame(body["scores"])
+        runs = set(zip(frame["model"], frame["seed"]))
+        frame = frame[[(m, s) not in seen for m, s in zip(frame["model"], frame["seed"])]]
+        seen |= runs
+        frames.append(frame)
+    scores = pd.concat(frames, ignore_index=True)
+    body = bodies[0]
+    status = ", ".join(f"{p}: {b['protocol'].get('status', 'unknown')}" for p, b in zip(paths, bodies))
     per_section = scores[~scores["section"].isin(["mean_over_sections", "pooled"])]
     pooled = scores[scores["section"] == "pooled"]
     head = scores[scores["section"] == "mean_over_sections"]
     seconds = {}
-    for fold in body["protocol"]["folds"]:
-        for run, info in fold["validation"].items():
-            seconds.setdefault(run.split("/")[0], []).append(info.get("seconds"))
+    for b in bodies:
+        for fold in b["protocol"]["folds"]:
+            for run, info in fold["validation"].items():
+                seconds.setdefault(run.split("/")[0], []).append(info.get("seconds"))
 
     def stat(frame: pd.DataFrame, model: str, metric: str) -> tuple[float, float, int]:
         sub = frame[(frame["model"] == model) & (frame["metric"] == metric)]
@@ -62,9 +72,9 @@ def table(path: str) -> str:
         secs = [s for s in seconds.get(m, []) if s is not None]
         row.append(f"{sum(secs) / len(secs):.0f}" if secs else "—")
         lines.append("| " + " | ".join(row) + " |")
-    lines.append(f"\nstatus: {status}; protocol: {body['protocol']['name']}")
+    lines.append(f"\nprotocol: {body['protocol']['name']}; status: {status}")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(table(sys.argv[1]))
+    print(table(*sys.argv[1:]))
