@@ -346,7 +346,7 @@ def her2_small(her2st_path: Path) -> tuple[SpatialData, float, np.ndarray]:
 
     spots = pd.read_csv(her2st_path / "ST-spotfiles" / "C2_selection.tsv", sep="\t")
     spots = spots[spots["selected"] == 1]
-    pitch_px = _grid_pitch(spots[["x", "y"]].to_numpy(), spots[["pixel_x", "pixel_y"]].to_numpy())
+    pitch_px, _layout = _grid_pitch(spots[["x", "y"]].to_numpy(), spots[["pixel_x", "pixel_y"]].to_numpy())
     path = next((her2st_path / "ST-imgs" / "C" / "C2").glob("*.jpg"))
     with _no_pixel_limit(), Image.open(path) as im:
         full_w = im.size[0]
