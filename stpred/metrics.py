@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "calibration",
     "compare_pcc_gene",
     "compute_all",
     "hist_metrics",
@@ -754,6 +755,80 @@ def hist_metrics(
         out["hist_r2_flat_slide_avg"] = float(np.mean([r for r, _ in per]))
         out["hist_pcc_flat_slide_avg"] = float(np.mean([c for _, c in per]))
     return out
+
+
+# --------------------------------------------------------------------------------------------------- uncertainty
+def _average_ranks(a: np.ndarray) -> np.ndarray:
+    """Ranks (1-based, ties averaged) of each column of ``a``."""
+    ranks = np.empty_like(a, dtype=np.float64)
+    for j in range(a.shape[1]):
+        _, inverse, counts = np.unique(a[:, j], return_inverse=True, return_counts=True)
+        last = np.cumsum(counts)
+        ranks[:, j] = (last - (counts - 1) / 2.0)[inverse]
+    return ranks
+
+
+def calibration(pred: Any, truth: Any, std: Any, *, z: float = 1.96) -> dict[str, Any]:
+    """How well a predicted standard deviation ``std`` tracks the error of ``pred``.
+
+    Two views. **Ranking**: per gene, the Spearman correlation across spots between ``std`` and the absolute error
+    ``|pred - truth|`` (does the model know *where* it is wrong?); genes whose ``std`` or error is constant are
+    left out and counted. **Coverage**: the share of spot x gene entries with ``|pred - truth| <= z · std``; for a
+    Gaussian predictive distribution with this std, ``z = 1.96`` should cover 95 %. Lower coverage means
+    over-confidence. A deep ensemble's or MC-dropout's spread measures the model's (epistemic) uncertainty only,
+    not the measurement noise of the truth, so coverage well below nominal is expected for count data.
+
+    Parameters
+    ----------
+    pred, truth
+        ``(n_spots, n_genes)`` prediction (the mean) and measured expression.
+    std
+        ``(n_spots, n_genes)`` predicted standard deviation (non-negative).
+    z
+        Half-width of the interval in standard deviations (positive).
+
+    Returns
+    -------
+    ``spearman_std_abs_error`` (median over genes), ``spearman_std_abs_error_mean``,
+    ``spearman_per_gene`` (array, NaN where excluded), ``n_genes_excluded``, ``coverage`` (share of entries
+    inside ``pred ± z·std``), ``nominal`` (the Gaussian coverage of ``z``), ``z``, ``mean_std``, ``mae``.
+
+    Examples
+    --------
+    >>> table = sdata.tables["stpred"]
+    >>> rows = table.obs["section"] == "S2"
+    >>> stpred.metrics.calibration(
+    ...     table.layers["stpred_hifusion"][rows], table.layers["target"][rows], table.layers["stpred_hifusion_std"][rows]
+    ... )["coverage"]
+    """
+    import math
+
+    p, t = _check_pair(pred, truth, matrix=True)
+    sd, _ = _check_pair(std, truth, matrix=True)
+    if (sd < 0).any():
+        msg = f"`std` has {int((sd < 0).sum())} negative value(s); a standard deviation is non-negative."
+        raise ValueError(msg)
+    if isinstance(z, bool) or not isinstance(z, int | float) or not math.isfinite(z) or z <= 0:
+        msg = f"Expected `z` to be a finite positive number, found {z!r}."
+        raise ValueError(msg)
+    err = np.abs(p - t)
+    rho = _pearson_along(_average_ranks(sd), _average_ranks(err), axis=0)
+    kept = rho[~np.isnan(rho)]
+    if kept.size == 0:
+        warnings.warn(
+            "Every gene was excluded (constant std or error); the Spearman summary is NaN.", RuntimeWarning, stacklevel=2
+        )
+    return {
+        "spearman_std_abs_error": float(np.median(kept)) if kept.size else float("nan"),
+        "spearman_std_abs_error_mean": float(kept.mean()) if kept.size else float("nan"),
+        "spearman_per_gene": rho,
+        "n_genes_excluded": int(np.isnan(rho).sum()),
+        "coverage": float((err <= z * sd).mean()),
+        "nominal": float(math.erf(z / math.sqrt(2.0))),
+        "z": float(z),
+        "mean_std": float(sd.mean()),
+        "mae": float(err.mean()),
+    }
 
 
 # --------------------------------------------------------------------------------------------------- torch metrics

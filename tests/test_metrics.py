@@ -278,3 +278,40 @@ def test_compare_pcc_gene_rows():
     assert rows[4]["difference"] == pytest.approx(M.pcc_gene(model, truth))
     with pytest.raises(ValueError, match="same shape"):
         M.compare_pcc_gene(model, mean[:, :5], truth)
+
+
+# --------------------------------------------------------------------------------------------------- calibration
+def test_calibration_matches_a_gaussian_model():
+    rng = np.random.default_rng(0)
+    n, g = 4000, 5
+    std = rng.uniform(0.1, 2.0, size=(n, g))
+    truth = rng.normal(size=(n, g))
+    pred = truth + rng.normal(size=(n, g)) * std  # errors really have this std
+    out = M.calibration(pred, truth, std)
+    assert abs(out["coverage"] - 0.95) < 0.01
+    assert abs(out["nominal"] - 0.95) < 1e-3
+    assert out["spearman_std_abs_error"] > 0.3
+    assert out["n_genes_excluded"] == 0
+    # a std unrelated to the error ranks nothing; a too-small std covers little
+    shuffled = M.calibration(pred, truth, rng.permutation(std.ravel()).reshape(n, g))
+    assert abs(shuffled["spearman_std_abs_error"]) < 0.1
+    assert M.calibration(pred, truth, std / 4)["coverage"] < 0.5
+
+
+def test_calibration_ties_constant_genes_and_bad_input():
+    pred = np.array([[0.0, 1.0], [1.0, 1.0], [3.0, 1.0], [6.0, 1.0]])
+    truth = np.zeros((4, 2))
+    std = np.array([[1.0, 1.0], [1.0, 1.0], [2.0, 1.0], [3.0, 1.0]])  # gene 1: constant std -> excluded
+    out = M.calibration(pred, truth, std, z=1.0)
+    assert out["n_genes_excluded"] == 1
+    assert np.isnan(out["spearman_per_gene"][1])
+    # ranks with ties averaged: std ranks (1.5, 1.5, 3, 4), error ranks (1, 2, 3, 4)
+    r = np.corrcoef([1.5, 1.5, 3, 4], [1, 2, 3, 4])[0, 1]
+    assert out["spearman_std_abs_error"] == pytest.approx(r)
+    assert out["coverage"] == pytest.approx(6 / 8)  # gene 0: |0|<=1, |1|<=1, 3>2, 6>3; gene 1: all covered
+    with pytest.raises(ValueError, match="negative"):
+        M.calibration(pred, truth, -std)
+    with pytest.raises(ValueError, match="same shape"):
+        M.calibration(pred, truth, std[:, :1])
+    with pytest.raises(ValueError, match="`z`"):
+        M.calibration(pred, truth, std, z=0)

@@ -281,3 +281,34 @@ class StpredModel(nn.Module):
         """
         msg = f"{type(self).__name__} declares `trainable = False` and must implement `fit_closed_form`."
         raise NotImplementedError(msg)
+
+    # ------------------------------------------------------------------ uncertainty and out-of-distribution
+    def dropout_modules(self) -> list[nn.Module]:
+        """Modules whose dropout is active in training mode, each with a positive rate.
+
+        MC-dropout (``stpred.tl.predict(..., uncertainty="mc_dropout")``) switches exactly these modules (not
+        their children) to training mode at inference; everything else, BatchNorm included, stays in eval mode.
+        The default finds every ``nn.Dropout*`` with ``p > 0`` and every ``nn.MultiheadAttention`` with
+        ``dropout > 0``; a model whose dropout lives elsewhere (e.g. a functional dropout gated by
+        ``self.training``) adds those modules. An empty list means the model cannot give MC-dropout samples.
+        """
+        found: list[nn.Module] = []
+        for module in self.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+                found.append(module)
+            elif isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+                found.append(module)
+        return found
+
+    def features(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Image representation ``(B, D)`` of each spot, before the output head (for out-of-distribution scores).
+
+        The default raises: a model opts in by returning the representation its head reads. Called in eval mode
+        with the same batches as :meth:`forward`.
+        """
+        msg = (
+            f"{type(self).__name__} does not implement `features(batch)`, so stpred cannot score how far new spots "
+            "lie from the training spots. Pass `ood=False` to `stpred.tl.predict`, or implement `features` to "
+            "return the representation before the model's head."
+        )
+        raise NotImplementedError(msg)

@@ -379,6 +379,17 @@ class HiFusion(StpredModel):
         ``"fusion_weights"``
             ``(n_levels,)`` softmax level weights.
         """
+        rep, maps, weights = self._represent(batch)
+        pred = self.head(rep)
+        level_preds = tuple(self.aux_head(f.mean(dim=(2, 3))) for f in maps)
+        return {"pred": pred, "level_preds": level_preds, "level_features": tuple(maps), "fusion_weights": weights}
+
+    def features(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The normalised fused token ``(B, 8 * width)`` that the final head reads (out-of-distribution scores)."""
+        return self._represent(batch)[0]
+
+    def _represent(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, list[Tensor], Tensor]:
+        """Representation before the final head, the level maps and the softmax level weights."""
         self._check_batch(batch)
         spot = standardize(batch["spot"])
         context = standardize(batch["context"])
@@ -391,9 +402,7 @@ class HiFusion(StpredModel):
         ctx_map = self.context_encoder.forward_features(self._prepare(context, self._uses_channels_last()))
         query = ctx_map.mean(dim=(2, 3)).unsqueeze(1)  # (B, 1, D)
         attended, _ = self.attn(query, tokens, tokens, need_weights=False)
-        pred = self.head(self.norm((attended + query).squeeze(1)))
-        level_preds = tuple(self.aux_head(f.mean(dim=(2, 3))) for f in maps)
-        return {"pred": pred, "level_preds": level_preds, "level_features": tuple(maps), "fusion_weights": weights}
+        return self.norm((attended + query).squeeze(1)), maps, weights
 
     def loss(self, out: Mapping[str, Any], batch: Mapping[str, Tensor]) -> LossOutput:
         """HiFusion's training loss (Weng et al., 2026, as in the authors' released code), computed in float32.

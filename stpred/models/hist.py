@@ -604,6 +604,16 @@ class HiST(StpredModel):
         plan = self.prepare(coords)
         return {"pred": self.head(self.encode(emb, plan))}
 
+    def features(self, batch: dict[str, Tensor]) -> Tensor:
+        """Spot features ``(n, 2 * width)`` of one slide before the head (out-of-distribution scores)."""
+        emb, coords = self._inputs(batch)
+        return self.encode(emb, self.prepare(coords))
+
+    def dropout_modules(self) -> list[nn.Module]:
+        """The input dropout and every refinement layer with attention dropout (gated by the layer's mode)."""
+        layers = [m for m in self.modules() if isinstance(m, RefinementLayer) and m.attn_drop > 0]
+        return [*super().dropout_modules(), *layers]
+
     def loss(self, out: dict[str, Tensor], batch: dict[str, Tensor]) -> LossOutput:
         """Mean squared error over all spots x genes.
 

@@ -748,6 +748,18 @@ class MMAP(StpredModel):
             pred = (2.0 * pred1 + head3) / 3.0  # mean of head1, head2, head3
         return {"pred": pred, "pred1": pred1, "feature": feature, "fused": fused}
 
+    def features(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """The phase-1 fused token ``(B, D)`` of each spot (its own image; out-of-distribution scores).
+
+        Uses the cached ``"feature"`` of :meth:`prepare_slides` when the batch holds it, else :meth:`encode`.
+        """
+        if "feature" in batch and bool(torch.isfinite(batch["feature"]).all()):
+            return batch["feature"].float()
+        if BatchKeys.SPOT not in batch:
+            msg = f"MMAP features need the batch key 'spot'; found {sorted(batch)}."
+            raise KeyError(msg)
+        return self.encode(batch)["feature"]
+
     def loss(self, out: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> LossOutput:
         """``MSE + γ · similarity`` of the current phase.
 

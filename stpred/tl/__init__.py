@@ -12,6 +12,7 @@ _NAMES = {
     "load": "_predictor",
     "Predictor": "_predictor",
     "PredictorFileError": "_persist",
+    "EnsemblePredictor": "_ensemble",
     "evaluate": "_evaluate",
     "cross_validate": "_cv",
     "CVResult": "_cv",
@@ -24,6 +25,7 @@ __getattr__, __dir__, __all__ = attach(__name__, _NAMES)
 if TYPE_CHECKING:  # pragma: no cover
     from ._cv import CVResult, cross_validate
     from ._domains import domain_agreement, domains, spatial_autocorr_agreement
+    from ._ensemble import EnsemblePredictor
     from ._evaluate import evaluate
     from ._fit import fit
     from ._persist import PredictorFileError

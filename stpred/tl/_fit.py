@@ -18,6 +18,7 @@ from .._docs import doc_params, doc_sdata
 from .._provenance import plain, record, stpred_uns, versions
 from .._sections import rows_of, section_names
 from .._validate import check_sections, get_table
+from ._ensemble import EnsemblePredictor, check_n_models, fit_ensemble
 from ._predictor import Predictor, register_fitted
 
 if TYPE_CHECKING:
@@ -60,8 +61,9 @@ def fit(
     group_key: str = PATIENT_KEY,
     plan_kwargs: Mapping[str, Any] | None = None,
     trainer_kwargs: Mapping[str, Any] | None = None,
+    n_models: int = 1,
     **model_kwargs: Any,
-) -> Predictor:
+) -> Predictor | EnsemblePredictor:
     """Train a model on the sections that have measured expression.
 
     The best epoch is chosen on a validation split that never comes from test sections: held-out training
@@ -104,12 +106,17 @@ def fit(
         ``strategy`` (``"ddp"`` for several GPUs), ``precision`` (default ``"bf16-mixed"`` on CUDA, ``"32-true"``
         on the CPU), ``callbacks`` (added to stpred's), ``default_root_dir`` (where checkpoints and the saved
         predictor go; default a new temporary directory), ...
+    n_models
+        ``1``: one model. ``k >= 2``: a deep ensemble of ``k`` models trained with seeds ``seed … seed + k - 1``
+        (each its own initialisation, batch order and validation split), returned as an
+        :class:`~stpred.tl.EnsemblePredictor`; ``stpred.tl.predict(..., uncertainty="ensemble")`` then writes
+        their spread. Costs ``k`` fits.
     **model_kwargs
         Model configuration (see the model's config dataclass, e.g. :class:`stpred.models.hifusion.HiFusionConfig`).
 
     Returns
     -------
-    The fitted :class:`~stpred.tl.Predictor`. Also records the fit under
+    The fitted :class:`~stpred.tl.Predictor` (an :class:`~stpred.tl.EnsemblePredictor` when ``n_models > 1``). Also records the fit under
     ``sdata.tables["stpred"].uns["stpred"]["models"][model]`` and remembers the predictor, so that
     ``stpred.tl.predict(sdata, model=model)`` uses it.
 
@@ -123,24 +130,32 @@ def fit(
     ...                           spot_size=112, context_size=224, width=16)
     >>> predictor.history[["epoch", "train_mse", "val_mse"]]
     """
-    predictor = fit_unregistered(
-        sdata,
-        model,
-        train=train,
-        val=val,
-        max_epochs=max_epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        embedding_key=embedding_key,
-        patches=patches,
-        progress=progress,
-        table_key=table_key,
-        group_key=group_key,
-        plan_kwargs=plan_kwargs,
-        trainer_kwargs=trainer_kwargs,
-        **model_kwargs,
-    )
+    n_models = check_n_models(n_models)
+
+    def fit_one(*, seed: int, trainer_kwargs: Mapping[str, Any] | None) -> Predictor:
+        return fit_unregistered(
+            sdata,
+            model,
+            train=train,
+            val=val,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            embedding_key=embedding_key,
+            patches=patches,
+            progress=progress,
+            table_key=table_key,
+            group_key=group_key,
+            plan_kwargs=plan_kwargs,
+            trainer_kwargs=trainer_kwargs,
+            **model_kwargs,
+        )
+
+    if n_models == 1:
+        predictor: Predictor | EnsemblePredictor = fit_one(seed=seed, trainer_kwargs=trainer_kwargs)
+    else:
+        predictor = fit_ensemble(fit_one, n_models=n_models, seed=seed, trainer_kwargs=dict(trainer_kwargs or {}))
     table = get_table(sdata, table_key)
     name, info = predictor.name, predictor.info
     register_fitted(sdata, predictor)
@@ -154,6 +169,7 @@ def fit(
         seed=seed,
         train=check_sections(train, section_names(table)),
         checkpoint=info["checkpoint"],
+        **({"n_models": n_models} if n_models > 1 else {}),
         **model_kwargs,
     )
     return predictor
@@ -188,6 +204,8 @@ def fit_unregistered(
     from ..train import TensorStore, TrainRunner
     from ..train._runner import check_trainer_kwargs
     from ._inputs import model_arrays, model_sizes
+    from ._ood import reference_from_fit
+    from ._region import training_geometry
     from ._splits import validation_split
 
     cls = get_model(model)
@@ -218,9 +236,10 @@ def fit_unregistered(
         table, train_sections, val=val, val_fraction=val_fraction, group_key=group_key, seed=seed
     )
     checkpoint_dir = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="stpred_"))
+    store = TensorStore(arrays)
     runner = TrainRunner(
         net,
-        TensorStore(arrays),
+        store,
         list(train_rows.values()),
         list(val_rows.values()),
         plan=plan,
@@ -241,6 +260,7 @@ def fit_unregistered(
         "optim": asdict(plan),
         "best": result.best,
         "embedding_key": embedding_key if BatchKeys.EMBEDDING in net.inputs else None,
+        "geometry": training_geometry(sdata, net, patches=patches, train_sections=list(train_sections)),
         "config": asdict(net.config),
         "precision": str(trainer_kwargs.get("precision", "auto")),
         "versions": versions(),
@@ -254,6 +274,9 @@ def fit_unregistered(
         model_kwargs=model_kwargs,
         history=result.history,
         info=info,
+    )
+    predictor.ood_reference = reference_from_fit(
+        net, store, runner.train_groups, runner.val_groups, seed=seed, batch_size=max(64, plan.batch_size)
     )
     saved = predictor.save(checkpoint_dir / "predictor", overwrite=True)
     predictor.info["checkpoint"] = str(saved)

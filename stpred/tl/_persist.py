@@ -35,7 +35,9 @@ WEIGHTS = "weights.pt"
 HISTORY = "history.csv"
 #: Metadata file of the layout before the manifest (read for compatibility, without checksums).
 LEGACY_META = "predictor.json"
-_OURS = {MANIFEST, WEIGHTS, HISTORY, LEGACY_META}
+#: Out-of-distribution reference fitted by ``tl.fit`` (optional; see ``_ood``).
+OOD = "ood.npz"
+_OURS = {MANIFEST, WEIGHTS, HISTORY, LEGACY_META, OOD}
 
 
 class PredictorFileError(ValueError):
@@ -68,6 +70,9 @@ def save_predictor(predictor: Predictor, path: str | os.PathLike, *, overwrite: 
         with open(tmp / HISTORY, "w", newline="") as fh:
             predictor.history.to_csv(fh, index=False)
             _sync(fh)
+        from ._ood import save_reference
+
+        save_reference(tmp, getattr(predictor, "ood_reference", None))
         manifest = {
             "format": "stpred.predictor",
             "format_version": FORMAT_VERSION,
@@ -78,7 +83,7 @@ def save_predictor(predictor: Predictor, path: str | os.PathLike, *, overwrite: 
             "info": plain({k: v for k, v in predictor.info.items() if k != "checkpoint"}),
             "versions": versions(),
             # sizes and checksums of what is on disk, read back after writing
-            "files": {name: _fingerprint(tmp / name) for name in (WEIGHTS, HISTORY)},
+            "files": {name: _fingerprint(tmp / name) for name in (WEIGHTS, HISTORY, OOD) if (tmp / name).is_file()},
         }
         with open(tmp / MANIFEST, "w") as fh:
             fh.write(dumps_json(manifest) + "\n")
@@ -168,7 +173,7 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
     history = _read_history(path / HISTORY)
     info = dict(manifest.get("info") or {})
     info["checkpoint"] = str(path)
-    return Predictor(
+    predictor = Predictor(
         model,
         name=manifest["model"],
         genes=manifest["genes"],
@@ -178,6 +183,10 @@ def load_predictor(path: str | os.PathLike) -> Predictor:
         history=history,
         info=info,
     )
+    from ._ood import load_reference
+
+    predictor.ood_reference = load_reference(path)
+    return predictor
 
 
 def _not_found(path: Path) -> str:

@@ -70,6 +70,8 @@ class Predictor:
         self.model_kwargs = dict(model_kwargs)
         self.history = history if history is not None else pd.DataFrame()
         self.info = dict(info or {})
+        #: Out-of-distribution reference (:class:`~stpred.tl._ood.OODReference`), set by ``tl.fit``; saved as ood.npz.
+        self.ood_reference: Any = None
 
     def __repr__(self) -> str:
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -227,8 +229,11 @@ def load(path: str | os.PathLike) -> Predictor:
     >>> predictor.save("hifusion_c2")
     >>> stpred.tl.predict(sdata, stpred.tl.load("hifusion_c2"), key_added="stpred_hifusion_c2")
     """
+    from ._ensemble import is_saved_ensemble, load_ensemble
     from ._persist import load_predictor
 
+    if is_saved_ensemble(path):
+        return load_ensemble(path)
     return load_predictor(path)
 
 

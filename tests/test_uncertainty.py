@@ -1,0 +1,236 @@
+"""Uncertainty (MC-dropout, deep ensembles) and out-of-distribution scores through tl.fit / tl.predict."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import stpred
+from stpred.models.hifusion import TINY_CONFIG
+from stpred.pp._patches import get_patch_bank
+from stpred.tl._ood import fit_reference, ledoit_wolf
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    sdata = stpred.datasets.synthetic(n_sections=3, n_genes=30, seed=2, n_patients=1)
+    stpred.pp.select_genes(sdata, n_top=20, sections=["S0", "S1"])
+    stpred.pp.normalize(sdata)
+    stpred.pp.extract_patches(sdata, size=TINY_CONFIG["spot_size"], context_size=TINY_CONFIG["context_size"])
+    ensemble = stpred.tl.fit(
+        sdata, "hifusion", train=["S0", "S1"], max_epochs=2, batch_size=16, progress=False, n_models=2, **TINY_CONFIG
+    )
+    return sdata, ensemble
+
+
+def _rows(sdata, section):
+    return np.flatnonzero((sdata.tables["stpred"].obs["section"] == section).to_numpy())
+
+
+def test_mc_dropout_writes_a_varying_std_and_keeps_batchnorm_in_eval(fitted):
+    sdata, ensemble = fitted
+    member = ensemble.members[0]
+    bn = next(m for m in member.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    stpred.tl.predict(
+        sdata, member, sections=["S2"], key_added="mc", uncertainty="mc_dropout", n_samples=6, progress=False
+    )
+    table = sdata.tables["stpred"]
+    std = table.layers["mc_std"][_rows(sdata, "S2")]
+    assert np.isfinite(std).all()
+    assert std.min() >= 0
+    assert std.std() > 0  # not constant across spots and genes
+    assert np.isnan(table.layers["mc_std"][_rows(sdata, "S0")]).all()
+    assert torch.equal(bn.running_mean, before)  # BatchNorm statistics untouched: it stayed in eval mode
+    # the mean of the dropout passes stays near the deterministic prediction
+    plain = member.predict(sdata, ["S2"], progress=False)
+    assert np.abs(table.layers["mc"][_rows(sdata, "S2")] - plain).mean() < 0.5 * np.abs(plain).mean()
+    assert table.uns["stpred"]["predictions"]["mc"]["uncertainty"]["method"] == "mc_dropout"
+    # same seed, same samples
+    stpred.tl.predict(
+        sdata, member, sections=["S2"], key_added="mc", uncertainty="mc_dropout", n_samples=6, progress=False,
+        overwrite=True,
+    )  # fmt: skip
+    np.testing.assert_array_equal(table.layers["mc_std"][_rows(sdata, "S2")], std)
+
+
+def test_mc_dropout_refused_without_dropout(fitted):
+    sdata, ensemble = fitted
+    member = ensemble.members[0]
+    model = stpred.models.get_model("hifusion")(20, **{**TINY_CONFIG, "attn_dropout": 0.0})
+    bare = stpred.tl.Predictor(
+        model, name="hifusion", genes=member.genes, normalize=member.normalize, sizes=member.sizes, model_kwargs={}
+    )
+    layers = set(sdata.tables["stpred"].layers)
+    with pytest.raises(ValueError, match="n_models"):
+        stpred.tl.predict(sdata, bare, key_added="bare", uncertainty="mc_dropout", progress=False)
+    assert set(sdata.tables["stpred"].layers) == layers
+
+
+def test_ensemble_std_from_fit_and_from_a_list(fitted, tmp_path):
+    sdata, ensemble = fitted
+    assert isinstance(ensemble, stpred.tl.EnsemblePredictor)
+    assert [m.info["seed"] for m in ensemble.members] == [0, 1]
+    stpred.tl.predict(sdata, ensemble, sections=["S2"], key_added="ens", uncertainty="ensemble", progress=False)
+    table = sdata.tables["stpred"]
+    rows = _rows(sdata, "S2")
+    preds = [m.predict(sdata, ["S2"], progress=False) for m in ensemble.members]
+    np.testing.assert_allclose(table.layers["ens"][rows], np.mean(preds, 0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(table.layers["ens_std"][rows], np.std(preds, 0), rtol=1e-4, atol=1e-5)
+    assert table.layers["ens_std"][rows].std() > 0
+    # a list of predictors is an ensemble too; a saved ensemble loads back to the same numbers
+    stpred.tl.predict(
+        sdata, list(ensemble.members), sections=["S2"], key_added="ens2", uncertainty="ensemble", ood=False,
+        progress=False,
+    )  # fmt: skip
+    np.testing.assert_allclose(table.layers["ens2_std"][rows], table.layers["ens_std"][rows], rtol=1e-5, atol=1e-6)
+    loaded = stpred.tl.load(ensemble.save(tmp_path / "ens"))
+    assert isinstance(loaded, stpred.tl.EnsemblePredictor)
+    assert loaded.ood_reference is not None
+    np.testing.assert_allclose(loaded.predict(sdata, ["S2"], progress=False), np.mean(preds, 0), atol=1e-5)
+
+
+def test_bad_ensembles_and_options_are_refused(fitted):
+    sdata, ensemble = fitted
+    a, b = ensemble.members
+    other = stpred.tl.Predictor(
+        b.model, name=b.name, genes=b.genes[::-1], normalize=b.normalize, sizes=b.sizes, model_kwargs={}
+    )
+    with pytest.raises(ValueError, match="different gene panel"):
+        stpred.tl.EnsemblePredictor([a, other])
+    with pytest.raises(ValueError, match="different gene panel"):
+        stpred.tl.predict(sdata, [a, other], key_added="bad", uncertainty="ensemble", progress=False)
+    with pytest.raises(ValueError, match="n_models=5"):
+        stpred.tl.predict(sdata, a, key_added="bad", uncertainty="ensemble", progress=False)
+    with pytest.raises(ValueError, match="'ensemble'"):
+        stpred.tl.predict(sdata, ensemble, key_added="bad", uncertainty="mc_dropout", progress=False)
+    with pytest.raises(ValueError, match="n_samples"):
+        stpred.tl.predict(sdata, a, key_added="bad", uncertainty="mc_dropout", n_samples=1, progress=False)
+    with pytest.raises(ValueError, match="n_models"):
+        stpred.tl.fit(sdata, "hifusion", n_models=0)
+    assert "bad" not in sdata.tables["stpred"].layers
+
+
+def test_ood_score_is_higher_on_glass_and_noise(fitted):
+    sdata, ensemble = fitted
+    member = ensemble.members[0]
+    ref = member.ood_reference
+    assert ref.calibrated_on == "validation"
+    assert ref.n_calibration > 0
+    bank = get_patch_bank(sdata)
+    rows = _rows(sdata, "S2")
+    spot, context = bank.spot.copy(), bank.context.copy()
+    try:
+        stpred.tl.predict(sdata, member, key_added="tissue", progress=False)
+        table = sdata.tables["stpred"]
+        tissue = table.obs["tissue_ood"].to_numpy()[rows]
+        assert table.obs["tissue_ood_flag"].to_numpy()[rows].mean() < 0.2
+        bank.spot[rows[::2]], bank.context[rows[::2]] = 240, 240  # bare glass
+        noise = np.random.default_rng(0).integers(0, 256, size=bank.spot[rows[1::2]].shape, dtype=np.uint8)
+        bank.spot[rows[1::2]] = noise
+        bank.context[rows[1::2]] = np.random.default_rng(1).integers(0, 256, size=bank.context[rows[1::2]].shape)
+        stpred.tl.predict(sdata, member, key_added="odd", sections=["S2"], progress=False)
+    finally:
+        bank.spot[:], bank.context[:] = spot, context
+    odd = table.obs["odd_ood"].to_numpy()[rows]
+    assert np.median(odd[::2]) > np.quantile(tissue, 0.95)
+    assert np.median(odd[1::2]) > np.quantile(tissue, 0.95)
+    assert table.obs["odd_ood_flag"].to_numpy()[rows].mean() > 0.8
+    assert np.isnan(table.obs["odd_ood"].to_numpy()[_rows(sdata, "S0")]).all()
+    assert table.uns["stpred"]["predictions"]["odd"]["ood"]["method"] == "mahalanobis"
+
+
+def test_ood_reference_round_trip_and_opt_out(fitted, tmp_path):
+    sdata, ensemble = fitted
+    member = ensemble.members[0]
+    loaded = stpred.tl.load(member.save(tmp_path / "p"))
+    np.testing.assert_array_equal(loaded.ood_reference.precision, member.ood_reference.precision)
+    assert loaded.ood_reference.threshold == member.ood_reference.threshold
+    stpred.tl.predict(sdata, loaded, key_added="no_ood", ood=False, progress=False)
+    assert "no_ood_ood" not in sdata.tables["stpred"].obs
+    loaded.ood_reference = None
+    with pytest.raises(ValueError, match="ood=False"):
+        stpred.tl.predict(sdata, loaded, key_added="no_ood2", ood=True, progress=False)
+
+
+def test_ledoit_wolf_shrinks_toward_scaled_identity():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 50))  # fewer samples than dimensions: the sample covariance is singular
+    cov, shrink = ledoit_wolf(x)
+    assert 0 < shrink <= 1
+    assert np.linalg.eigvalsh(cov).min() > 0
+    scales = np.arange(1.0, 6.0)
+    big, shrink_big = ledoit_wolf(rng.normal(size=(5000, 5)) * np.sqrt(scales))
+    assert shrink_big < 0.05  # many samples, far from a scaled identity: hardly any shrinkage
+    np.testing.assert_allclose(big, np.diag(scales), atol=0.3)
+    _, shrink_iso = ledoit_wolf(rng.normal(size=(200, 5)))
+    assert shrink_iso > 0.5  # the truth is a scaled identity: shrink towards it
+    ref = fit_reference(rng.normal(size=(500, 5)), rng.normal(size=(200, 5)))
+    far = ref.score(np.full((1, 5), 6.0))
+    assert far[0] > ref.threshold
+    assert 0.9 < (ref.score(rng.normal(size=(2000, 5))) <= ref.threshold).mean() < 1.0
+
+
+# ------------------------------------------------------------------------------------------- prediction on tiles
+def _tiles_on_spots(sdata, section, key, *, size_um):
+    """Square tiles (as `pp.tile` writes them) centred on the spots of ``section``, in the image's pixel frame."""
+    from spatialdata.transformations import get_transformation
+
+    from stpred.pp._tile import _shapes, _table
+
+    spots = sdata.shapes[f"{section}_spots"]
+    xy = np.c_[spots.geometry.x.to_numpy(), spots.geometry.y.to_numpy()]
+    image = sdata.images[f"{section}_hne"]
+    transformations = dict(get_transformation(image, get_all=True))
+    sdata.shapes[key] = _shapes(xy, size_px=size_um, layout="square", transformations=transformations)
+    sdata.tables[f"{key}_table"] = _table(
+        key_added=key, section=section, xy_um=xy, xy_px=xy, ij=np.zeros((len(xy), 2), int),
+        fraction=np.ones(len(xy)), mpp=1.0, size_um=size_um, stride_um=size_um, provenance={"image_key": image},
+    )  # fmt: skip
+    return spots.index.to_numpy()
+
+
+def test_tile_prediction_equals_spot_prediction_at_the_same_centre(fitted):
+    sdata, ensemble = fitted
+    member = ensemble.members[0]
+    assert member.info["geometry"]["mpp"] == 1.0
+    ids = _tiles_on_spots(sdata, "S2", "S2_test_tiles", size_um=40)  # smaller than the 80 µm spots
+    stpred.tl.predict(sdata, member, region="S2_test_tiles", key_added="tiles", uncertainty="mc_dropout", n_samples=3,
+                      progress=False)  # fmt: skip
+    tiles = sdata.tables["S2_test_tiles_table"]
+    assert list(tiles.var_names) == member.genes
+    assert tiles.uns["stpred"]["predictions"]["tiles"]["region"] == "S2_test_tiles"
+    assert tiles.layers["tiles_std"].std() > 0
+    assert "tiles_ood" in tiles.obs
+    stpred.tl.predict(sdata, member, region="S2_test_tiles", key_added="det", ood=False, progress=False)
+    table = sdata.tables["stpred"]
+    rows = _rows(sdata, "S2")
+    spot_pred = member.predict(sdata, ["S2"], progress=False)[:, member.check_compatible(table).argsort()]
+    by_id = dict(zip(table.obs["spot_id"].to_numpy()[rows], range(len(rows))))
+    order = [by_id[i] for i in ids]
+    np.testing.assert_allclose(tiles.layers["det"], spot_pred[order], rtol=1e-5, atol=1e-5)
+    # the OOD score of a tile is its spot's score
+    stpred.tl.predict(sdata, member, sections=["S2"], key_added="spot_ood", ood=True, progress=False)
+    np.testing.assert_allclose(
+        tiles.obs["tiles_ood"].to_numpy(), table.obs["spot_ood_ood"].to_numpy()[rows][order], rtol=1e-4
+    )
+
+
+def test_region_refusals_leave_the_object_unchanged(fitted):
+    sdata, ensemble = fitted
+    member = ensemble.members[0]
+    with pytest.raises(KeyError, match="shapes element"):
+        stpred.tl.predict(sdata, member, region="nope", progress=False)
+    _tiles_on_spots(sdata, "S2", "S2_bad_tiles", size_um=80)
+    tiles = sdata.tables["S2_bad_tiles_table"]
+    tiles.uns["stpred"]["mpp"] = {}
+    with pytest.raises(ValueError, match="microns per pixel"):
+        stpred.tl.predict(sdata, member, region="S2_bad_tiles", progress=False)
+    assert sdata.tables["S2_bad_tiles_table"].n_vars == 0
+    geometry = member.info.pop("geometry")
+    try:
+        with pytest.raises(ValueError, match="Refit"):
+            stpred.tl.predict(sdata, member, region="S2_bad_tiles", progress=False)
+    finally:
+        member.info["geometry"] = geometry
