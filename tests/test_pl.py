@@ -161,6 +161,40 @@ def test_spatial_errors(sd):
         stpred.pl.spatial(sd, str(sd.tables["stpred"].var_names[0]), layers="target", sections="S9")
 
 
+def test_spatial_std_ood_alpha_and_per_panel_scale(sd):
+    t = sd.tables["stpred"]
+    gene = str(t.var_names[0])
+    rng = np.random.default_rng(1)
+    t.layers["stpred_m_std"] = rng.uniform(0.0, 0.2, size=t.shape).astype(np.float32)
+    flag = np.zeros(t.n_obs, dtype=bool)
+    flag[:5] = True  # the first spots of S0
+    t.obs["stpred_m_ood_flag"] = flag
+    layers = ("target", "stpred_m", "stpred_m_std")
+    fig = stpred.pl.spatial(sd, gene, layers=layers, sections="S0", alpha=0.5, ood="hatch")
+    panels = _panel_axes(fig)
+    spots = [ax.collections[0] for ax in panels]
+    assert all(c.get_alpha() == 0.5 for c in spots)
+    assert spots[0].norm.vmax == spots[1].norm.vmax  # measured and predicted share a scale
+    std = t.layers["stpred_m_std"][(t.obs["section"] == "S0").to_numpy(), 0]
+    assert spots[2].norm.vmax == pytest.approx(np.percentile(std, 99))  # the std has its own
+    assert len(panels[0].collections) == 1  # no flag for the measured layer
+    assert len(panels[1].collections) == 2  # hatched outlines over the 5 flagged spots
+    assert len(panels[1].collections[1].get_offsets()) == 5
+    # per-panel scales; masked OOD spots become NaN (grey)
+    fig = stpred.pl.spatial(sd, gene, layers=("target", "stpred_m"), sections="S0", vmax="p99", ood="mask")
+    spots = [ax.collections[0] for ax in _panel_axes(fig)]
+    s0 = (t.obs["section"] == "S0").to_numpy()
+    assert spots[1].norm.vmax == pytest.approx(np.percentile(t.layers["stpred_m"][s0 & ~flag, 0], 99))
+    assert np.ma.getmaskarray(spots[1].get_array())[:5].all()
+    assert len(fig.axes) - len(_panel_axes(fig)) == 2  # one colorbar per panel
+    with pytest.raises(ValueError, match="alpha"):
+        stpred.pl.spatial(sd, gene, layers="target", alpha=2)
+    with pytest.raises(ValueError, match="vmax"):
+        stpred.pl.spatial(sd, gene, layers="target", vmax="p95")
+    with pytest.raises(KeyError, match="ood=True"):
+        stpred.pl.spatial(sd, gene, layers="target", ood="hatch")
+
+
 # --------------------------------------------------------------------------------------------------- scores
 def _tidy(rng: np.random.Generator) -> pd.DataFrame:
     rows = []

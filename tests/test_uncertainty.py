@@ -234,3 +234,25 @@ def test_region_refusals_leave_the_object_unchanged(fitted):
             stpred.tl.predict(sdata, member, region="S2_bad_tiles", progress=False)
     finally:
         member.info["geometry"] = geometry
+
+
+def test_hist_tiles_rebuild_embeddings_and_lattice():
+    sdata = stpred.datasets.synthetic(n_sections=3, n_genes=30, seed=2, n_patients=1)
+    stpred.pp.select_genes(sdata, n_top=10, sections=["S0", "S1"])
+    stpred.pp.normalize(sdata)
+    stpred.pp.extract_patches(sdata, size=32, context_size=None, progress=False)
+    stpred.pp.embed(sdata, encoder="resnet18", width=8, progress=False)
+    predictor = stpred.tl.fit(sdata, "hist", train=["S0", "S1"], max_epochs=1, progress=False, width=16, heads=2)
+    geometry = predictor.info["geometry"]
+    assert geometry["embedding"]["encoder"] == "resnet18"
+    assert geometry["lattice_unit_um"] == 80.0
+    assert len(predictor.model.dropout_modules()) > 1  # input dropout and the refinement layers
+    ids = _tiles_on_spots(sdata, "S2", "S2_hist_tiles", size_um=80)
+    stpred.tl.predict(sdata, predictor, region="S2_hist_tiles", key_added="hist", progress=False)
+    tiles = sdata.tables["S2_hist_tiles_table"]
+    table = sdata.tables["stpred"]
+    rows = _rows(sdata, "S2")
+    spot_pred = predictor.predict(sdata, ["S2"], progress=False)[:, predictor.check_compatible(table).argsort()]
+    by_id = dict(zip(table.obs["spot_id"].to_numpy()[rows], range(len(rows))))
+    np.testing.assert_allclose(tiles.layers["hist"], spot_pred[[by_id[i] for i in ids]], rtol=1e-4, atol=1e-4)
+    assert "hist_ood" in tiles.obs

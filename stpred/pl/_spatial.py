@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -185,6 +185,9 @@ def spatial(
     spot_scale: float = 1.0,
     layer_labels: Mapping[str, str] | None = None,
     panel_size: float = 3.0,
+    alpha: float = 1.0,
+    vmax: Literal["p99"] | None = None,
+    ood: Literal["hatch", "mask"] | None = None,
     axes: Sequence[Axes] | np.ndarray | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
@@ -219,6 +222,17 @@ def spatial(
         Display names of layers (default: ``"measured"`` for ``"target"``, the layer name otherwise).
     panel_size
         Size of one panel in inches.
+    alpha
+        Opacity of the spots (0–1), to see the H&E through them.
+    vmax
+        ``None``: one colour scale per gene, shared by its panels (above). ``"p99"``: each panel its own scale
+        (1st–99th percentile of its values) and colorbar, so that an offset between patients or models does not
+        hide the pattern. A standard-deviation layer (``"<key>_std"`` from ``tl.predict(..., uncertainty=...)``)
+        always gets its own scale.
+    ood
+        Out-of-distribution spots of a prediction layer ``L`` (``obs["L_ood_flag"]`` from
+        :func:`stpred.tl.predict`; also used for ``"L_std"``): ``"hatch"`` draws hatched outlines over them,
+        ``"mask"`` greys them out; ``None`` ignores the flag.
     axes
         Existing axes to draw on, one per panel (rows x columns, row-major); ``None`` creates a figure.
     {show_save}
@@ -234,9 +248,26 @@ def spatial(
     import matplotlib as mpl
     import matplotlib.pyplot as plt
 
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+        msg = f"Expected `alpha` in [0, 1], found {alpha!r}."
+        raise ValueError(msg)
+    if vmax not in (None, "p99"):
+        msg = f"Expected `vmax` to be None (shared scale per gene) or 'p99' (one scale per panel), found {vmax!r}."
+        raise ValueError(msg)
+    if ood not in (None, "hatch", "mask"):
+        msg = f"Expected `ood` to be None, 'hatch' or 'mask', found {ood!r}."
+        raise ValueError(msg)
     rows = spatial_data(sdata, genes, layers=layers, sections=sections, table_key=table_key, percentiles=percentiles)
     layers = list(rows[0].values)
     table = sdata.tables[table_key]
+    flags = _ood_flags(table, layers, sections=[r.section for r in rows]) if ood is not None else {}
+    if ood is not None and not flags:
+        msg = (
+            f"`ood={ood!r}` needs `obs['<layer>_ood_flag']` for one of {layers}; run "
+            "`stpred.tl.predict(..., ood=True)` first, or pass `ood=None`."
+        )
+        raise KeyError(msg)
+    own_scale = {layer: vmax == "p99" or layer.endswith("_std") for layer in layers}
     n_rows, n_cols = len(rows), len(layers)
     frames, aspect = section_frames(sdata, {r.section: r.xy for r in rows}, spot_scale=spot_scale)
     if axes is None:
@@ -260,12 +291,27 @@ def spatial(
             images[row.section] = section_image(sdata, image_key(row.section), bbox=bbox)
         norm = mpl.colors.Normalize(vmin=row.vmin, vmax=row.vmax)
         coll = None
+        shared = []
         for c, layer in enumerate(layers):
             ax = grid[r, c]
             if img and images.get(row.section) is not None:
                 rgb, extent = images[row.section]
                 ax.imshow(rgb, extent=extent, interpolation="antialiased")
-            coll = draw_spots(ax, row.xy, radius, values=row.values[layer], cmap=cmap, norm=norm)
+            values = row.values[layer]
+            flag = flags.get(layer, {}).get(row.section)
+            if ood == "mask" and flag is not None:
+                values = np.where(flag, np.nan, values)
+            panel_norm = _panel_norm(values, percentiles) if own_scale[layer] else norm
+            panel = draw_spots(ax, row.xy, radius, values=values, cmap=cmap, norm=panel_norm)
+            panel.set_alpha(alpha)
+            if ood == "hatch" and flag is not None and flag.any():
+                _hatch(ax, row.xy[flag], radius)
+            if own_scale[layer]:
+                bar = fig.colorbar(panel, ax=ax, shrink=0.85, pad=0.02, aspect=25)
+                bar.ax.tick_params(labelsize="small")
+            else:
+                coll = panel
+                shared.append(ax)
             frame_section(ax, bbox)
             title = f"{row.gene} — {layer_label(layer, layer_labels)}"
             if not np.isfinite(row.values[layer]).any():
@@ -273,7 +319,44 @@ def spatial(
             ax.set_title(title, fontsize="medium")
             if c == 0 and multi_section:
                 ax.set_ylabel(row.section, fontsize="medium")
-        cbar = fig.colorbar(coll, ax=list(grid[r, :]), shrink=0.85, pad=0.02, aspect=25)
-        cbar.set_label(scale, fontsize="small")
-        cbar.ax.tick_params(labelsize="small")
+        if coll is not None:
+            cbar = fig.colorbar(coll, ax=shared, shrink=0.85, pad=0.02, aspect=25)
+            cbar.set_label(scale, fontsize="small")
+            cbar.ax.tick_params(labelsize="small")
     return finish(fig, fig, show=show, save=save)
+
+
+def _panel_norm(values: np.ndarray, percentiles: tuple[float, float]) -> Any:
+    """Colour limits of one panel: the ``percentiles`` of its finite values."""
+    import matplotlib as mpl
+
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(v) for v in np.percentile(finite, percentiles)) if finite.size else (0.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    return mpl.colors.Normalize(vmin=lo, vmax=hi)
+
+
+def _ood_flags(table: AnnData, layers: list[str], *, sections: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Layer → section → boolean OOD flag of its spots (a ``_std`` layer uses its prediction's flag)."""
+    labels = table.obs[SECTION_KEY].astype(str).to_numpy()
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for layer in layers:
+        base = layer.removesuffix("_std")
+        column = f"{base}_ood_flag"
+        if column in table.obs:
+            flag = table.obs[column].to_numpy().astype(bool)
+            out[layer] = {s: flag[labels == s] for s in dict.fromkeys(sections)}
+    return out
+
+
+def _hatch(ax: Axes, xy: np.ndarray, radius: float) -> None:
+    """Hatched, unfilled circles over flagged spots."""
+    from matplotlib.collections import EllipseCollection
+
+    d = np.full(len(xy), 2.0 * radius)
+    coll = EllipseCollection(
+        d, d, np.zeros(len(xy)), units="xy", offsets=xy, offset_transform=ax.transData,
+        facecolors="none", edgecolors="black", linewidths=0.6, hatch="xxx",
+    )  # fmt: skip
+    ax.add_collection(coll)

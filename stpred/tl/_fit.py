@@ -260,7 +260,9 @@ def fit_unregistered(
         "optim": asdict(plan),
         "best": result.best,
         "embedding_key": embedding_key if BatchKeys.EMBEDDING in net.inputs else None,
-        "geometry": training_geometry(sdata, net, patches=patches, train_sections=list(train_sections)),
+        "geometry": training_geometry(
+            sdata, net, patches=patches, train_sections=list(train_sections), table=table, embedding_key=embedding_key
+        ),
         "config": asdict(net.config),
         "precision": str(trainer_kwargs.get("precision", "auto")),
         "versions": versions(),

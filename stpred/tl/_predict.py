@@ -80,7 +80,7 @@ def predict(
     region
         Key of a shapes element of tiles (from :func:`stpred.pp.tile`): predict every tile instead of the spots
         of the ``stpred`` table. Crops are cut around each tile centre at the microns per pixel the model was
-        trained with (HiFusion, MMAP; HiST is refused); the tiles' table gets the genes as ``var``, the
+        trained with (HiST: embedded with the training encoder, on a lattice of the tile centres); the tiles' table gets the genes as ``var``, the
         predictions (and ``_std``, ``_ood``) as above, and the provenance in ``uns["stpred"]["predictions"]``.
         ``sections`` and ``table_key`` do not apply. See :doc:`/he_only`.
 

@@ -4,12 +4,15 @@ The tiles come from :func:`stpred.pp.tile` (or any shapes element annotated by a
 ``instance_key``, a ``section`` column and ``uns["stpred"]["mpp"]``). Each model crop is cut around a tile's
 centre with the patch extractor of :func:`stpred.pp.extract_patches`, at the microns per crop pixel the model was
 trained with (recorded by :func:`stpred.tl.fit` as ``info["geometry"]``), so a tile centred on a training spot gets
-exactly that spot's prediction. The crop size is the model's, whatever the tile size: tiles smaller than the
+exactly that spot's prediction. HiST's embeddings are recomputed from such crops with the encoder recorded in the
+training embedding's recipe, and its lattice is built from the tile centres at the training lattice unit. The crop
+size is the model's, whatever the tile size: tiles smaller than the
 training spots give a denser map of predictions whose inputs overlap (see :doc:`/he_only`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,16 +29,32 @@ if TYPE_CHECKING:
     from ..pp._patches import PatchBank
     from ._infer import Prepared
 
-#: Batch keys that region prediction can supply (crops and the section index).
-_CROP_INPUTS = {BatchKeys.SPOT, BatchKeys.CONTEXT, BatchKeys.SLIDE}
+#: Batch keys that region prediction can supply (crops, embeddings of crops, lattice, section index).
+_CROP_INPUTS = {BatchKeys.SPOT, BatchKeys.CONTEXT, BatchKeys.SLIDE, BatchKeys.EMBEDDING, BatchKeys.COORDS}
 
 
 def training_geometry(
-    sdata: SpatialData, model: StpredModel, *, patches: PatchBank | None, train_sections: list[str]
+    sdata: SpatialData,
+    model: StpredModel,
+    *,
+    patches: PatchBank | None,
+    train_sections: list[str],
+    table: AnnData | None = None,
+    embedding_key: str | None = None,
 ) -> dict[str, Any] | None:
-    """Crop sizes and microns per crop pixel of a model that reads crops (``None`` for other models)."""
+    """Crop sizes and microns per crop pixel of the model's inputs (``None`` when they cannot be rebuilt).
+
+    Crop models: the patch bank's geometry. Embedding + lattice models (HiST): the recipe of the embedding
+    (encoder, weights, crop size and µm per pixel, normalisation) and the lattice unit of the training sections.
+    """
     from ..pp._patches import get_patch_bank
 
+    if BatchKeys.EMBEDDING in model.inputs:
+        if table is None:
+            return None
+        from ._inputs import _embedding_key
+
+        return _embedding_geometry(table, _embedding_key(table, embedding_key), train_sections)
     if not set(model.inputs) & {BatchKeys.SPOT, BatchKeys.CONTEXT}:
         return None
     size, context = model.crop_sizes
@@ -52,6 +71,36 @@ def training_geometry(
         "mpp": None if mpp is None else float(mpp),
         "spot_um": None if mpp is None else float(bank.size * mpp),
         "native": bank.mpp is None,
+    }
+
+
+def _embedding_geometry(table: AnnData, embedding_key: str | None, train_sections: list[str]) -> dict[str, Any] | None:
+    from ..pp._lattice import compute_lattice
+
+    uns = table.uns.get(UNS_KEY, {})
+    recipe = dict(uns.get("embeddings", {}).get(embedding_key, {})) if embedding_key else {}
+    if not recipe:
+        return None  # an embedding not made by pp.embed cannot be rebuilt on tiles
+    mpp = recipe.get("mpp")
+    if mpp is None:
+        native = {float(uns.get("mpp", {}).get(s, float("nan"))) for s in train_sections}
+        mpp = native.pop() if len(native) == 1 else None
+        mpp = None if mpp is None or not np.isfinite(mpp) else mpp
+    units = dict(uns.get("lattice", {}).get("unit_um", {}))
+    if not all(s in units for s in train_sections):
+        try:
+            units = compute_lattice(table)[1]
+        except (KeyError, ValueError):
+            units = {}
+    unit = {float(units[s]) for s in train_sections if s in units}
+    return {
+        "spot_size": int(recipe["size"]),
+        "context_size": None,
+        "mpp": None if mpp is None else float(mpp),
+        "spot_um": None if mpp is None else float(recipe["size"] * mpp),
+        "native": recipe.get("mpp") is None,
+        "embedding": plain(recipe),
+        "lattice_unit_um": unit.pop() if len(unit) == 1 else None,
     }
 
 
@@ -92,6 +141,19 @@ def check_region_model(predictor: Any) -> None:
             )
             raise ValueError(msg)
         geometry = member.info.get("geometry")
+        if BatchKeys.EMBEDDING in member.model.inputs and (not geometry or "embedding" not in geometry):
+            msg = (
+                f"The {member.name!r} predictor reads embeddings but does not record how they were made "
+                "(`stpred.pp.embed` recipe), so the tiles cannot be embedded the same way. Refit it with "
+                "`stpred.tl.fit` on embeddings from `stpred.pp.embed`."
+            )
+            raise ValueError(msg)
+        if BatchKeys.COORDS in member.model.inputs and (not geometry or geometry.get("lattice_unit_um") is None):
+            msg = (
+                f"The {member.name!r} predictor does not record the lattice unit of its training sections; refit "
+                "it with `stpred.tl.fit` after `stpred.pp.lattice(sdata)`."
+            )
+            raise ValueError(msg)
         if not geometry or geometry.get("mpp") is None:
             msg = (
                 f"The {member.name!r} predictor does not record the microns per pixel of its training crops "
@@ -143,7 +205,43 @@ def tile_crops(sdata: SpatialData, table: AnnData, geometry: dict[str, Any], inp
         arrays[BatchKeys.CONTEXT] = outputs["context"]
     codes = pd.Categorical(sections, categories=list(pd.unique(sections))).codes.astype(np.int64)
     arrays[BatchKeys.SLIDE] = codes
+    if BatchKeys.EMBEDDING in inputs:
+        arrays[BatchKeys.EMBEDDING] = _embed_crops(arrays.pop(BatchKeys.SPOT), geometry["embedding"])
+    if BatchKeys.COORDS in inputs:
+        from ..pp._lattice import compute_lattice
+
+        arrays[BatchKeys.COORDS] = compute_lattice(table, unit_um=float(geometry["lattice_unit_um"]))[0]
     return arrays
+
+
+def _embed_crops(crops: np.ndarray, recipe: dict[str, Any]) -> np.ndarray:
+    """Embed crops with the encoder of a :func:`stpred.pp.embed` recipe, checking that it is the same encoder."""
+    from ..pp._embed import _build, _device, _Encoder, _input_size, _resolve_name, _run, _sha256_file, _sha256_state
+
+    kwargs = dict(recipe.get("encoder_kwargs") or {})
+    name, spec = _resolve_name(recipe["encoder"], weights=None, encoder_kwargs={})
+    if spec is None:
+        msg = f"The training embedding came from a user module ({name!r}); embed the tiles with it yourself."
+        raise ValueError(msg)
+    weights = recipe.get("weights")
+    path = None
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            msg = f"The encoder weights of the training embedding, {weights!r}, are not on this machine; copy them there."
+            raise FileNotFoundError(msg)
+    seed = int(recipe.get("seed") or 0)
+    module = _build(name, spec, path, kwargs, seed=seed)
+    sha = _sha256_file(path) if path is not None else _sha256_state(module)
+    if recipe.get("weights_sha256") and sha != recipe["weights_sha256"]:
+        msg = (
+            f"The encoder {name!r} built here differs from the one that made the training embedding (weights "
+            f"sha256 {sha[:12]}… vs {str(recipe['weights_sha256'])[:12]}…); use the same weights and versions."
+        )
+        raise ValueError(msg)
+    enc = _Encoder(module, name, spec.family, sha, seed if path is None else None, _input_size(module))
+    emb, _ = _run(enc, crops, device=_device(None), batch_size=64, normalize=recipe.get("normalize", "imagenet"), progress=False)
+    return np.asarray(emb, dtype=np.float32)
 
 
 def prepare_tiles(member: Any, arrays: dict[str, np.ndarray], *, batch_size: int | None) -> Prepared:
