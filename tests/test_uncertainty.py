@@ -147,8 +147,11 @@ def test_ood_reference_round_trip_and_opt_out(fitted, tmp_path):
     loaded = stpred.tl.load(member.save(tmp_path / "p"))
     np.testing.assert_array_equal(loaded.ood_reference.precision, member.ood_reference.precision)
     assert loaded.ood_reference.threshold == member.ood_reference.threshold
-    stpred.tl.predict(sdata, loaded, key_added="no_ood", ood=False, progress=False)
-    assert "no_ood_ood" not in sdata.tables["stpred"].obs
+    stpred.tl.predict(sdata, loaded, sections=["S2"], key_added="no_ood", ood=True, progress=False)
+    assert "no_ood_ood_flag" in sdata.tables["stpred"].obs
+    stpred.tl.predict(sdata, loaded, sections=["S2"], key_added="no_ood", ood=False, overwrite=True, progress=False)
+    assert "no_ood_ood" not in sdata.tables["stpred"].obs  # no stale scores beside the new prediction
+    assert "no_ood_ood_flag" not in sdata.tables["stpred"].obs
     loaded.ood_reference = None
     with pytest.raises(ValueError, match="ood=False"):
         stpred.tl.predict(sdata, loaded, key_added="no_ood2", ood=True, progress=False)

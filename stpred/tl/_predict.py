@@ -138,6 +138,11 @@ def predict(
     layer = np.full(table.shape, np.nan, dtype=np.float32)
     layer[rows] = pred
     table.layers[key] = layer
+    # an overwritten prediction keeps no spread or OOD columns of the one it replaces
+    if uncertainty is None:
+        table.layers.pop(std_key, None)
+    if not with_ood:
+        table.obs.drop(columns=[c for c in (ood_key, flag_key) if c in table.obs], inplace=True)
     if extras is not None and extras.std is not None:
         spread = np.full(table.shape, np.nan, dtype=np.float32)
         spread[rows] = extras.std

@@ -214,7 +214,10 @@ def load(path: str | os.PathLike) -> Predictor:
 
     Returns
     -------
-    The predictor, with weights loaded strictly (any missing, unexpected or reshaped tensor is an error).
+    The predictor, with weights loaded strictly (any missing, unexpected or reshaped tensor is an error), and its
+    out-of-distribution reference when saved (``ood.npz``). A folder written by
+    :meth:`EnsemblePredictor.save <stpred.tl.EnsemblePredictor.save>` loads as an
+    :class:`~stpred.tl.EnsemblePredictor`.
 
     Raises
     ------

@@ -327,6 +327,10 @@ def predict_region(
             new, region=attrs.get("region"), region_key=attrs.get("region_key"), instance_key=attrs.get("instance_key")
         )
     table.layers[key] = extras.mean.astype(np.float32)
+    if extras.std is None:
+        table.layers.pop(std_key, None)
+    if extras.ood_score is None:
+        table.obs.drop(columns=[c for c in (ood_key, flag_key) if c in table.obs], inplace=True)
     if extras.std is not None:
         table.layers[std_key] = extras.std.astype(np.float32)
     if extras.ood_score is not None:
