@@ -60,7 +60,8 @@ def test_docs_build_without_warnings(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, f"sphinx-build -W failed:\n{proc.stderr[-8000:]}"
-    for page in ("index", "api", "models", "metrics", "tutorials", "notebooks/01_quickstart", "notebooks/02_her2st"):
+    notebooks = ("notebooks/01_quickstart", "notebooks/02_her2st", "notebooks/03_he_only")
+    for page in ("index", "api", "models", "metrics", "tutorials", *notebooks):
         assert (out / f"{page}.html").is_file(), f"{page}.html was not built"
     api = (out / "generated" / "stpred.tl.fit.html").read_text()
     assert "Train a model on the sections that have measured expression" in api, "autodoc did not render docstrings"

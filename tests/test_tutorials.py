@@ -98,3 +98,15 @@ def test_her2st(kernel_env: str, tmp_path: Path, her2st_path: Path, monkeypatch:
     nb, seconds = _run("02_her2st.ipynb", kernel_env, tmp_path)
     _check_executed(nb)
     print(f"02_her2st.ipynb ran in {seconds:.0f} s")
+
+
+@pytest.mark.her2st
+def test_he_only(kernel_env: str, tmp_path: Path, her2st_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STPRED_HER2ST", str(her2st_path))
+    nb, seconds = _run("03_he_only.ipynb", kernel_env, tmp_path)
+    _check_executed(nb)
+    text = "".join(o.get("text", "") for o in _outputs(nb, "stream"))
+    # the H&E-only object was tiled, and the predictions were scored against C6's measurement and the baseline
+    assert "C6_tiles55 " in text
+    assert "vs baseline" in text
+    print(f"03_he_only.ipynb ran in {seconds:.0f} s")
