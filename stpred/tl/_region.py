@@ -210,7 +210,16 @@ def tile_crops(sdata: SpatialData, table: AnnData, geometry: dict[str, Any], inp
     if BatchKeys.COORDS in inputs:
         from ..pp._lattice import compute_lattice
 
-        arrays[BatchKeys.COORDS] = compute_lattice(table, unit_um=float(geometry["lattice_unit_um"]))[0]
+        unit = float(geometry["lattice_unit_um"])
+        try:
+            arrays[BatchKeys.COORDS] = compute_lattice(table, unit_um=unit)[0]
+        except ValueError as err:
+            msg = (
+                f"The tiles do not fit on HiST's training lattice (unit {unit:g} µm): {err} HiST places each tile on "
+                f"the lattice of its training spots, so tile at a stride of at least {unit:g} µm "
+                f"(`stpred.pp.tile(..., stride_um={unit:g})`), or predict these tiles with HiFusion or MMAP."
+            )
+            raise ValueError(msg) from None
     return arrays
 
 
