@@ -263,3 +263,7 @@ def test_hist_tiles_rebuild_embeddings_and_lattice():
     by_id = dict(zip(table.obs["spot_id"].to_numpy()[rows], range(len(rows))))
     np.testing.assert_allclose(tiles.layers["hist"], spot_pred[[by_id[i] for i in ids]], rtol=1e-4, atol=1e-4)
     assert "hist_ood" in tiles.obs
+    # tiles far denser than the training lattice: refused by stpred, naming the stride to use
+    stpred.pp.tile(sdata, image_key="S2_hne", size_um=20, tissue=False, mpp=1.0, key_added="S2_dense")
+    with pytest.raises(ValueError, match=r"stride_um=80"):
+        stpred.tl.predict(sdata, predictor, region="S2_dense", key_added="dense", progress=False)
