@@ -192,6 +192,13 @@ def test_xenium_cells_are_pooled_not_adopted_as_spots():
     spots = stpred.io.xenium_pseudospots(cells, spot_size_um=100, section="X1")
     stpred.pp.select_genes(spots, n_top=2)  # the pooled object is an stpred object
     assert sorted(spots.tables["stpred"].obs["section"].unique()) == ["X1"]
+    # end to end on the pseudo-spots: fit a small model, predict, domains
+    stpred.pp.normalize(spots)
+    stpred.pp.extract_patches(spots, size=16, context_size=32, progress=False)
+    stpred.tl.fit(spots, "hifusion", **FIT)
+    stpred.tl.predict(spots, "hifusion", progress=False)
+    stpred.tl.domains(spots, layer="stpred_hifusion", n_domains=2, n_pcs=2)
+    assert spots.tables["stpred"].obs["domains_stpred_hifusion"].notna().all()
 
 
 def test_saved_predictor_on_a_section_read_on_its_own(tmp_path):
@@ -304,5 +311,7 @@ def test_same_calls_on_a_spatialdata_io_visium_hd_object(tmp_path):
     stpred.tl.predict(sdata, "hifusion", progress=False)
     scores = stpred.tl.evaluate(sdata, "stpred_hifusion", n_boot=10)
     assert np.isfinite(scores["value"]).any()
+    stpred.tl.domains(sdata, layer="stpred_hifusion", n_domains=2, n_pcs=2)
+    assert sdata.tables["stpred"].obs["domains_stpred_hifusion"].notna().all()
     # the raw tables are untouched but for the recorded layout
     assert sorted(sdata.tables) == ["square_008um", "square_016um", "stpred"]
