@@ -18,6 +18,16 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 _VALID_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _section_name(section: object, *, root: Path | None = None) -> str:
+    """``section``, or the name of the instrument folder ``root`` when ``section`` is None, checked as an element-name part."""
+    if section is None and root is not None:
+        section = root.resolve().name
+    if not isinstance(section, str) or not _VALID_NAME.match(section):
+        msg = f"Invalid section name {section!r}: use letters, digits, '_', '-' or '.' only (pass `section=`)."
+        raise ValueError(msg)
+    return section
 _SCALEFACTORS = "spatial/scalefactors_json.json"
 _H5 = "filtered_feature_bc_matrix.h5"
 _MTX_DIR = "filtered_feature_bc_matrix"
@@ -130,10 +140,7 @@ def read_visium(
     if not root.is_dir():
         msg = f"The Visium folder {str(root)!r} does not exist; pass the Space Ranger output folder (`outs/`)."
         raise FileNotFoundError(msg)
-    section = root.resolve().name if section is None else section
-    if not isinstance(section, str) or not _VALID_NAME.match(section):
-        msg = f"Invalid section name {section!r}: use letters, digits, '_', '-' or '.' only (pass `section=`)."
-        raise ValueError(msg)
+    section = _section_name(section, root=root)
     patient = section if patient is None else str(patient)
     counts_file = _counts_file(root)
     _check_positions(root)

@@ -104,7 +104,7 @@ def read_visium_hd(
     import spatialdata_io
 
     from ._legacy_st import _check_file
-    from ._visium import _VALID_NAME
+    from ._visium import _section_name
 
     root = Path(path)
     if not root.is_dir():
@@ -113,10 +113,7 @@ def read_visium_hd(
     if isinstance(bin_size, bool) or not isinstance(bin_size, int | np.integer):
         msg = f"Expected `bin_size` to be an int (µm), found {bin_size!r}."
         raise TypeError(msg)
-    section = root.resolve().name if section is None else section
-    if not isinstance(section, str) or not _VALID_NAME.match(section):
-        msg = f"Invalid section name {section!r}: use letters, digits, '_', '-' or '.' only (pass `section=`)."
-        raise ValueError(msg)
+    section = _section_name(section, root=root)
     patient = section if patient is None else str(patient)
     folders = _bin_folders(root)
     if not folders:

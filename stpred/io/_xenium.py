@@ -230,7 +230,7 @@ def xenium_pseudospots(
     """
     from .._validate import get_table
     from ._legacy_st import _section_sdata, _section_table, _spot_circles
-    from ._visium import _VALID_NAME
+    from ._visium import _section_name
 
     if isinstance(spot_size_um, bool) or not isinstance(spot_size_um, int | float | np.number) or spot_size_um <= 0:
         msg = f"Expected `spot_size_um` to be a positive number of microns, found {spot_size_um!r}."
@@ -238,9 +238,7 @@ def xenium_pseudospots(
     if isinstance(min_cells, bool) or not isinstance(min_cells, int | np.integer) or min_cells < 1:
         msg = f"Expected `min_cells` to be a positive int, found {min_cells!r}."
         raise ValueError(msg)
-    if not isinstance(section, str) or not _VALID_NAME.match(section):
-        msg = f"Invalid section name {section!r}: use letters, digits, '_', '-' or '.' only."
-        raise ValueError(msg)
+    section = _section_name(section)
     patient = section if patient is None else str(patient)
     table = get_table(sdata, table_key)
     xy_um = _centroids_um(table, table_key)
@@ -391,7 +389,7 @@ def read_xenium(
     import spatialdata_io
 
     from ._legacy_st import _check_file
-    from ._visium import _VALID_NAME
+    from ._visium import _section_name
 
     root = Path(path)
     if not root.is_dir():
@@ -401,10 +399,7 @@ def read_xenium(
     if not specs_path.is_file():
         msg = f"No 'experiment.xenium' in {str(root)!r}; is it a Xenium output folder?"
         raise FileNotFoundError(msg)
-    section = root.resolve().name if section is None else section
-    if not isinstance(section, str) or not _VALID_NAME.match(section):
-        msg = f"Invalid section name {section!r}: use letters, digits, '_', '-' or '.' only (pass `section=`)."
-        raise ValueError(msg)
+    section = _section_name(section, root=root)
     specs = json.loads(specs_path.read_text())
     if "pixel_size" not in specs:
         msg = f"{str(specs_path)!r} lacks 'pixel_size'; found {sorted(specs)}."

@@ -45,8 +45,13 @@ def prepare(
     *,
     table_key: str = STPRED_TABLE,
     batch_size: int | None = None,
+    patches: Any = None,
+    embedding_key: str | None = None,
 ) -> Prepared:
-    """Build the store of ``predictor``'s inputs for ``sections`` and run the model's per-slide preparation."""
+    """Build the store of ``predictor``'s inputs for ``sections`` and run the model's per-slide preparation.
+
+    ``patches`` and ``embedding_key`` override the registered patch bank and the embedding used in training.
+    """
     from .._sections import rows_of
     from ..train import TensorStore
     from ._inputs import model_arrays
@@ -57,7 +62,8 @@ def prepare(
         sdata,
         table,
         predictor.model,
-        embedding_key=predictor.info.get("embedding_key"),
+        embedding_key=embedding_key or predictor.info.get("embedding_key"),
+        patches=patches,
         with_target=False,
         table_key=table_key,
     )

@@ -138,39 +138,20 @@ class Predictor:
         -------
         Array ``(n_spots, n_genes)`` for the rows of ``sections`` in table order, genes in table order.
         """
-        from .._sections import rows_of, section_names
-        from ..train import TensorStore
+        from .._sections import section_names
         from ..train._trainer import run_inference
-        from ._inputs import model_arrays
+        from ._infer import prepare
 
         table = get_table(sdata, table_key, made_by="pp.select_genes")
-        order = self.check_compatible(table)
-        all_sections = section_names(table)
-        sections = check_sections(sections, all_sections)
-        arrays = model_arrays(
-            sdata,
-            table,
-            self.model,
-            embedding_key=embedding_key or self.info.get("embedding_key"),
-            patches=patches,
-            with_target=False,
-            table_key=table_key,
+        sections = check_sections(sections, section_names(table))
+        inputs = prepare(
+            self, sdata, sections, table_key=table_key, batch_size=batch_size, patches=patches, embedding_key=embedding_key
         )
-        store = TensorStore(arrays)
-        groups = list(rows_of(table, sections).values())
-        self.model.prepare_slides(store, groups)
-        train_bs = int(self.info.get("batch_size") or 32)
         pred = run_inference(
-            self.model,
-            store,
-            groups,
-            batch_size=batch_size or max(64, train_bs),
-            device=device,
-            progress=progress,
+            self.model, inputs.store, inputs.groups, batch_size=inputs.batch_size, device=device, progress=progress
         )
-        rows = np.concatenate(groups)
         # `pred` follows the requested section order; return rows in table order, as the docstring promises
-        return pred[np.argsort(rows, kind="stable")][:, order]
+        return pred[inputs.unsort][:, inputs.order]
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
