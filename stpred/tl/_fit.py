@@ -202,17 +202,19 @@ def fit(
         predictor = fit_ensemble(fit_one, n_models=n_models, seed=seed, trainer_kwargs=dict(trainer_kwargs or {}))
     table = get_table(sdata, table_key)
     name, info = predictor.name, predictor.info
-    # the crop recipe, so that a section read on its own is cut the same way at prediction time
-    info["patches"] = plain(stpred_uns(table).get("patches"))
+    # a single fit with a named folder has already saved itself in its run folder
+    saved = info.get("checkpoint") is not None and not isinstance(predictor, EnsemblePredictor)
     backing = getattr(sdata, "path", None)
     if backing is not None and not dict(trainer_kwargs or {}).get("default_root_dir"):
         # a zarr-backed object: keep the predictor next to the store, where a later session looks for it
         info["checkpoint"] = str(Path(f"{backing}.stpred") / "models" / name)
+        saved = False
     elif info.get("checkpoint") is None:
         # no folder named and no zarr store: the training checkpoints are already gone; the predictor alone goes to
         # a temporary folder so that `tl.predict(sdata, model=...)` finds it through the recorded path
         info["checkpoint"] = str(Path(tempfile.mkdtemp(prefix="stpred_predictor_")) / name)
-    predictor.save(info["checkpoint"], overwrite=True)
+    if not saved:
+        predictor.save(info["checkpoint"], overwrite=True)
     models = dict(stpred_uns(table).get("models", {}))
     models[name] = plain({**info, "genes": predictor.genes, "normalize": predictor.normalize})
     table.uns[UNS_KEY]["models"] = models
@@ -340,6 +342,8 @@ def fit_unregistered(
             # checkpoints of a temporary folder are gone when `fit` returns: record none
             "best": {p: {**b, "checkpoint": b["checkpoint"] if run_dir else None} for p, b in result.best.items()},
             "embedding_key": embedding_key if BatchKeys.EMBEDDING in net.inputs else None,
+            # the crop recipe, so that a section read on its own is cut the same way at prediction time
+            "patches": plain(stpred_uns(table).get("patches")),
             "geometry": training_geometry(
                 sdata,
                 net,
