@@ -5,6 +5,21 @@ not accuracy), tiles section C6 over detected tissue at 100 µm, and times the p
 from the image around each tile centre at the training geometry; HiST also embeds the tiles' crops). Writes
 ``benchmarks/results/tile_predict_cpu.json``.
 
+Memory versus image size: C6 is then upsampled 2× and 4× along each axis (4× and 16× the pixels, µm per pixel halved
+and quartered; pixels repeated lazily, block by block, never materialised), tiled again at 100 µm (the same tissue,
+so about the same tiles) and predicted by every model. Two pyramids, built by ``bench_tiles.py``'s helpers:
+
+* stored: the coarser levels exist (an OME-Zarr pyramid, the stpred readers); crops are cut from the coarsest level
+  at least as fine as the training µm per pixel, which is the same stored array at every factor, so the peak
+  should stay flat;
+* derived (1× and 2×): every level is computed by dask from full resolution (``Image2DModel.parse(dask_array,
+  scale_factors=...)``); the bands of the level read are then computed from full-resolution rows.
+
+Each call is measured twice: once timed while a thread samples the resident set size (``/proc/self/statm``, every
+millisecond; the growth above the RSS at the start of the call is reported, because ``ru_maxrss`` is set for good by
+reading the training images), and once untimed under ``tracemalloc`` (numpy and dask buffers; torch's own allocator
+is not traced).
+
 Usage: ``python benchmarks/bench_tile_predict.py [--data PATH] [--out FILE] [--threads N]``
 """
 
@@ -12,19 +27,100 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import platform
 import resource
+import sys
+import threading
 import time
+import tracemalloc
 import warnings
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+from spatialdata import SpatialData
+
+import stpred
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_tiles' pyramid builders
 
 
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _RssPeak:
+    """Highest resident set size seen while the ``with`` block runs (sampled by a thread every millisecond)."""
+
+    def __enter__(self) -> _RssPeak:
+        self.start = self.peak = _rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss_mib())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib())
+
+
+def _predict_memory(he: SpatialData, predictor: Any, region: str) -> dict[str, float]:
+    """Seconds and RSS growth of one ``tl.predict(region=)`` call, then its traced peak in a second call."""
+    gc.collect()
+    with _RssPeak() as rss:
+        start = time.perf_counter()
+        stpred.tl.predict(he, predictor, region=region, progress=False, overwrite=True)
+        seconds = time.perf_counter() - start
+    gc.collect()
+    tracemalloc.start()
+    stpred.tl.predict(he, predictor, region=region, progress=False, overwrite=True)
+    _, traced = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {
+        "seconds": round(seconds, 2),
+        "rss_growth_mib": round(rss.peak - rss.start, 1),
+        "peak_traced_mib": round(traced / 2**20, 1),
+    }
+
+
+def _scaling(tree: Any, mpp: float, predictors: dict[str, Any], *, derived_from: np.ndarray) -> dict[str, Any]:
+    """Tile and predict C6 upsampled 1×, 2×, 4× (stored pyramid) and 1×, 2× (derived pyramid)."""
+    from bench_tiles import _derived_pyramid, _stored_pyramid
+
+    builds = [("stored", f, lambda f: _stored_pyramid(tree, f, "C6")) for f in (1, 2, 4)]
+    builds += [("derived", f, lambda f: _derived_pyramid(derived_from, f, "C6")) for f in (1, 2)]
+    out: dict[str, Any] = {"stored": {}, "derived": {}}
+    for kind, factor, build in builds:
+        image = build(factor)
+        full = image["scale0"]["image"]
+        he = SpatialData(images={"C6_hne": image})
+        stpred.pp.tile(he, size_um=100, mpp=mpp / factor, key_added="tiles")
+        entry: dict[str, Any] = {
+            "image_px": [int(full.sizes["y"]), int(full.sizes["x"])],
+            "full_resolution_mib": round(full.nbytes / 2**20, 1),
+            "n_tiles": int(he.tables["tiles_table"].n_obs),
+        }
+        for name, predictor in predictors.items():
+            entry[name] = _predict_memory(he, predictor, "tiles")
+        out[kind][f"{factor}x"] = entry
+        print(kind, f"{factor}x", json.dumps(entry), flush=True)
+        del he, image
+        gc.collect()
+    return out
 
 
 def main() -> None:
@@ -35,9 +131,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from spatialdata import SpatialData
-
-    import stpred
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -70,17 +163,19 @@ def main() -> None:
     image_shape = tuple(int(v) for v in he.images["C6_hne"]["scale0"]["image"].shape)
     results = {}
     for name, predictor in predictors.items():
-        before = _peak_mib()
-        start = time.perf_counter()
-        stpred.tl.predict(he, predictor, region="C6_tiles", progress=False)
-        seconds = time.perf_counter() - start
+        with _RssPeak() as rss:
+            start = time.perf_counter()
+            stpred.tl.predict(he, predictor, region="C6_tiles", progress=False)
+            seconds = time.perf_counter() - start
         results[name] = {
             "seconds": round(seconds, 2),
             "tiles_per_s": round(n_tiles / seconds, 1),
             "process_peak_rss_mib_after": round(_peak_mib(), 1),
-            "peak_rss_growth_mib": round(_peak_mib() - before, 1),
+            "rss_growth_mib": round(rss.peak - rss.start, 1),
         }
         print(name, results[name], flush=True)
+    rgb = np.asarray(c6.images["C6_hne"]["scale0"]["image"].values)
+    scaling = _scaling(c6.images["C6_hne"], mpp_c6, predictors, derived_from=rgb)
     out = {
         "what": "tl.predict(region=...) on HER2 C6 tiled at 100 µm over detected tissue; CPU configurations",
         "n_tiles": n_tiles,
@@ -88,6 +183,7 @@ def main() -> None:
         "tiling_seconds": round(tiling_s, 2),
         "crop_geometry": {"spot_px": spot_px, "context_px": context_px, "mpp": mpp},
         "models": results,
+        "memory_vs_image_size_C6_100um": scaling,
         "note": "HiST's time includes embedding every tile crop with the training encoder (ResNet-18, width 8).",
         "threads": args.threads,
         "load_before": load_before,

@@ -224,6 +224,61 @@ def test_tile_prediction_equals_spot_prediction_at_the_same_centre(fitted):
     )
 
 
+def _upsampled_pyramid_without_full_resolution(image, factor: int = 2):
+    """``image`` (a two-level synthetic pyramid) as a scan ``factor`` times finer whose finest level must not be read.
+
+    Levels 1 and 2 are the original levels, stored; level 0 is a lazy array that fails if any of it is computed.
+    """
+    import dask.array as da
+    from spatialdata import get_pyramid_levels
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import Scale
+
+    def refuse(block):
+        msg = "the full-resolution level was read"
+        raise AssertionError(msg)
+
+    stored = [level.data for level in get_pyramid_levels(image)]
+    _, height, width = stored[0].shape
+    full = da.zeros((3, height * factor, width * factor), dtype=np.uint8, chunks=(3, 512, 512)).map_blocks(
+        refuse, dtype=np.uint8
+    )
+    tree = Image2DModel.parse(
+        full, dims=("c", "y", "x"), scale_factors=[factor, 2], transformations={"S2": Scale([1 / factor] * 2, axes=("x", "y"))}
+    )
+    for key, data in zip(["scale1", "scale2"], stored, strict=True):
+        assert tree[key]["image"].shape == data.shape
+        tree[key]["image"].data = data
+    return tree
+
+
+def test_tile_crops_come_from_the_stored_level_of_a_finer_scan(fitted):
+    """Same tissue scanned 2x finer (µm per pixel halved), finest level lazy and unreadable: same predictions."""
+    from spatialdata import SpatialData
+    from spatialdata.transformations import get_transformation
+
+    from stpred.pp._tile import _shapes, _table
+
+    sdata, ensemble = fitted
+    member = ensemble.members[0]
+    image = _upsampled_pyramid_without_full_resolution(sdata.images["S2_hne"])
+    spots = sdata.shapes["S2_spots"]
+    xy = np.c_[spots.geometry.x.to_numpy(), spots.geometry.y.to_numpy()] * 2  # the same points on the finer grid
+    he = SpatialData(images={"S2_hne": image})
+    he.shapes["tiles"] = _shapes(xy, size_px=80, layout="square", transformations=dict(get_transformation(image, get_all=True)))
+    he.tables["tiles_table"] = _table(
+        key_added="tiles", section="S2", xy_um=xy * 0.5, xy_px=xy, ij=np.zeros((len(xy), 2), int),
+        fraction=np.ones(len(xy)), mpp=0.5, size_um=40, stride_um=40, provenance={"image_key": "S2_hne"},
+    )  # fmt: skip
+    stpred.tl.predict(he, member, region="tiles", key_added="fine", ood=False, progress=False)
+    table = sdata.tables["stpred"]
+    rows = _rows(sdata, "S2")
+    spot_pred = member.predict(sdata, ["S2"], progress=False)[:, member.check_compatible(table).argsort()]
+    by_id = dict(zip(table.obs["spot_id"].to_numpy()[rows], range(len(rows))))
+    order = [by_id[i] for i in spots.index.to_numpy()]
+    np.testing.assert_allclose(he.tables["tiles_table"].layers["fine"], spot_pred[order], rtol=1e-5, atol=1e-5)
+
+
 def test_region_refusals_leave_the_object_unchanged(fitted):
     sdata, ensemble = fitted
     member = ensemble.members[0]
