@@ -305,6 +305,38 @@ def test_tile_no_tissue() -> None:
     assert sdata.tables["glass_tiles_table"].n_obs == 12 * 12
 
 
+def test_tile_other_image_types_detect_the_same_tissue() -> None:
+    """16-bit and float scans find the tissue an 8-bit scan finds; images without colour are refused up front."""
+    from spatialdata.transformations import Identity
+
+    rng = np.random.default_rng(3)
+    rgb = np.clip(238 + rng.normal(0, 3, (3, 600, 600)), 0, 255)
+    rgb[:, 150:450, 150:450] = rng.integers(60, 200, (3, 300, 300))
+    rgb = rgb.astype(np.uint8)
+    variants = {
+        "uint8": rgb,
+        "uint16": rgb.astype(np.uint16) * 257,
+        "uint16_12bit": rgb.astype(np.uint16) * 16,
+        "float01": rgb / 255.0,
+        "rgba": np.concatenate([rgb, np.full((1, 600, 600), 255, np.uint8)]),
+    }
+    kept = {}
+    for name, pixels in variants.items():
+        sdata = _image_sdata(pixels, {"s": Identity()})
+        stpred.pp.tile(sdata, size_um=50, mpp=1.0)
+        kept[name] = sdata.tables["s_tiles_table"].obs["spot_id"].tolist()
+    assert len(kept["uint8"]) == 36
+    assert all(ids == kept["uint8"] for ids in kept.values()), {k: len(v) for k, v in kept.items()}
+
+    for pixels in (rgb[:1], np.concatenate([rgb, rgb[:2]])):
+        sdata = _image_sdata(pixels, {"s": Identity()})
+        with pytest.raises(ValueError, match=r"RGB \(or RGBA\) H&E image.*tissue=False"):
+            stpred.pp.tile(sdata, size_um=50, mpp=1.0)
+        assert _names(sdata)["tables"] == []
+        stpred.pp.tile(sdata, size_um=50, mpp=1.0, tissue=False)
+        assert sdata.tables["s_tiles_table"].n_obs == 12 * 12
+
+
 # ------------------------------------------------------------------------------------------------- plot
 def test_pl_tissue(sdata1: SpatialData, tmp_path: Path) -> None:
     from matplotlib.figure import Figure

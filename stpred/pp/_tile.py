@@ -330,15 +330,31 @@ def _quiet_squidpy() -> Iterator[None]:
         sd_logger.setLevel(old)
 
 
+def _check_rgb(image: DataArray, image_key: str) -> None:
+    """Refuse images whose saturation means nothing: tissue is told from glass by its colour."""
+    n_channels = int(image.sizes.get("c", 1))
+    if n_channels not in (3, 4):
+        msg = (
+            f"Tissue detection needs an RGB (or RGBA) H&E image; image {image_key!r} has {n_channels} channel(s). "
+            "Pass the H&E image with `image_key=`, or `tissue=False` to tile the whole image."
+        )
+        raise ValueError(msg)
+
+
 def _rgb(level: _Level) -> np.ndarray:
-    """The detection level as ``(c, y, x)`` uint8 (computed from the lazy pyramid)."""
+    """The detection level as ``(3, y, x)`` uint8 (computed from the lazy pyramid).
+
+    Images of other types are rescaled: floats in 0–1 by 255, anything brighter than 255 (12- or 16-bit scans) by
+    its own maximum. The saturation read from it does not depend on that scale, only its rounding does.
+    """
     arr = level.data.data
-    arr = np.asarray(arr.compute() if hasattr(arr, "compute") else arr)
+    arr = np.asarray(arr.compute() if hasattr(arr, "compute") else arr)[:3]
     if arr.dtype != np.uint8:
-        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8) if arr.max() > 1.0 else (arr * 255).astype(np.uint8)
-    if arr.shape[0] == 1:
-        arr = np.repeat(arr, 3, axis=0)
-    return arr[:3]
+        arr = arr.astype(np.float64)
+        top = float(arr.max()) if arr.size else 0.0
+        scale = 255.0 if top <= 1.0 else (255.0 / top if top > 255.0 else 1.0)
+        arr = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+    return arr
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
@@ -692,6 +708,7 @@ def tile(
     }
     labels = chosen = None
     if tissue:
+        _check_rgb(levels[0], image_key)
         chosen = _choose_level(image, size_px=size_px, level=level, image_key=image_key)
         level_mpp = mpp * float(np.sqrt(chosen.scale[0] * chosen.scale[1]))
         labels, info = detect_tissue_mask(_rgb(chosen), level_mpp=level_mpp, min_contrast=contrast_floor)
