@@ -269,12 +269,12 @@ def _pick_cs(common: set[str], section: str, shapes_name: str) -> str:
 
 def _shapes_to_image(shapes: Any, image: Any, cs: str) -> np.ndarray:
     """3×3 affine matrix from spot coordinates to pixels of the image's finest level."""
-    from spatialdata import get_pyramid_levels
     from spatialdata.transformations import Sequence as TSequence
     from spatialdata.transformations import get_transformation
-    from xarray import DataTree
 
-    level = next(iter(get_pyramid_levels(image))) if isinstance(image, DataTree) else image
+    from .._pyramid import pyramid_levels
+
+    level = pyramid_levels(image)[0]
     chain = TSequence(
         [get_transformation(shapes, to_coordinate_system=cs), get_transformation(level, to_coordinate_system=cs).inverse()]
     )

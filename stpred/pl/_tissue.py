@@ -8,7 +8,8 @@ import numpy as np
 
 from .._constants import SPATIAL_KEY, UNS_KEY
 from .._docs import doc_params
-from ._utils import doc_show_save, finish, frame_section, image_levels, new_axes, section_image
+from .._pyramid import pyramid_levels
+from ._utils import doc_show_save, finish, frame_section, new_axes, section_image
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -68,7 +69,7 @@ def tissue_data(sdata: SpatialData, key: str | None = None) -> dict[str, Any]:
     if image_key not in sdata.images:
         msg = f"The image {image_key!r} that tiles {key!r} were laid on is no longer in `sdata.images`."
         raise KeyError(msg)
-    levels = image_levels(sdata.images[image_key])
+    levels = pyramid_levels(sdata.images[image_key])
     h0, w0 = int(levels[0].sizes["y"]), int(levels[0].sizes["x"])
     mask = None
     mask_scale = (1.0, 1.0)

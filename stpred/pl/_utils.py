@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._pyramid import pyramid_levels
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -82,17 +84,6 @@ def check_axes(axes: Any, n: int, *, name: str = "axes") -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------- images
-def image_levels(image: Any) -> list[Any]:
-    """The resolution levels of an image element, finest first, as ``(c, y, x)`` :class:`xarray.DataArray`."""
-    from xarray import DataTree
-
-    if isinstance(image, DataTree):
-        from spatialdata import get_pyramid_levels
-
-        return list(get_pyramid_levels(image))
-    return [image]
-
-
 def choose_level(shapes: list[tuple[int, int]], region: tuple[float, float], *, max_px: int) -> int:
     """Index of the finest level on which ``region`` (height, width in full-resolution pixels) fits in ``max_px``.
 
@@ -147,7 +138,7 @@ def section_image(
     """
     if key not in sdata.images:
         return None
-    levels = image_levels(sdata.images[key])
+    levels = pyramid_levels(sdata.images[key])
     shapes = [(int(lv.sizes["y"]), int(lv.sizes["x"])) for lv in levels]
     x0, y0, x1, y1 = (v * scale for v in bbox)
     i = choose_level(shapes, (y1 - y0, x1 - x0), max_px=max_px)

@@ -17,6 +17,7 @@ import pandas as pd
 from .._constants import INSTANCE_KEY, REGION_KEY, SECTION_KEY, STPRED_TABLE
 from .._docs import doc_params, doc_sdata_any, doc_sections
 from .._provenance import plain, record, stpred_uns
+from .._pyramid import pyramid_levels
 from .._sections import section_names
 from .._validate import check_positive, check_sections, check_table_shape, get_table
 from ..io._adopt import section_image_key, table_attrs
@@ -394,14 +395,6 @@ def get_patch_bank(sdata: SpatialData, *, size: int | None = None, context_size:
 # geometry
 
 
-def _levels(image: Any) -> list[DataArray]:
-    """Pyramid levels of an image element, finest first (a single-scale image is one level)."""
-    from spatialdata import get_pyramid_levels
-    from xarray import DataTree
-
-    if isinstance(image, DataTree):
-        return list(get_pyramid_levels(image))
-    return [image]
 
 
 def _coordinate_system(shapes: Any, image: Any, section: str) -> str:
@@ -466,7 +459,7 @@ def _plan_section(
         )
         raise KeyError(msg)
     image = sdata.images[key]
-    levels = _levels(image)
+    levels = pyramid_levels(image)
     obs = table.obs.iloc[rows]
     attrs = table_attrs(table)  # the table's own region and instance columns (stpred's readers: region, spot_id)
     region_key, instance_key = (attrs[1], attrs[2]) if attrs is not None else (REGION_KEY, INSTANCE_KEY)

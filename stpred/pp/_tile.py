@@ -30,6 +30,7 @@ import pandas as pd
 
 from .._constants import INSTANCE_KEY, REGION_KEY, SECTION_KEY, SPATIAL_KEY, UNS_KEY
 from .._provenance import plain, record
+from .._pyramid import pyramid_levels
 from .._validate import check_one_of
 
 if TYPE_CHECKING:
@@ -261,13 +262,6 @@ class _Level:
     scale: tuple[float, float]  # full-resolution pixels per pixel of ``data`` along (y, x)
 
 
-def _levels(image: Any) -> list[DataArray]:
-    from spatialdata import get_pyramid_levels
-    from xarray import DataTree
-
-    if isinstance(image, DataTree):
-        return list(get_pyramid_levels(image))
-    return [image]
 
 
 def _choose_level(image: Any, *, size_px: float, level: int | None, image_key: str) -> _Level:
@@ -276,7 +270,7 @@ def _choose_level(image: Any, *, size_px: float, level: int | None, image_key: s
     When that level still has many more pixels per tile than needed (a single-scale image, or a pyramid that stops
     early), it is block-averaged lazily (``xarray`` ``coarsen`` on its dask array), so it is never loaded whole.
     """
-    levels = _levels(image)
+    levels = pyramid_levels(image)
     h0, w0 = int(levels[0].sizes["y"]), int(levels[0].sizes["x"])
     scales = [(h0 / int(lv.sizes["y"]), w0 / int(lv.sizes["x"])) for lv in levels]
     if level is None:
@@ -683,7 +677,7 @@ def tile(
     mpp, mpp_source = _resolve_mpp(sdata, section, image_key, mpp)
 
     # ------------------------------------------------------------------ lattice over the whole image
-    levels = _levels(image)
+    levels = pyramid_levels(image)
     h0, w0 = int(levels[0].sizes["y"]), int(levels[0].sizes["x"])
     size_px = size_um / mpp
     xy_um, ij = lattice_centres(w0 * mpp, h0 * mpp, size_um=size_um, stride_um=stride_um, layout=layout)
