@@ -279,6 +279,42 @@ def test_tile_crops_come_from_the_stored_level_of_a_finer_scan(fitted):
     np.testing.assert_allclose(he.tables["tiles_table"].layers["fine"], spot_pred[order], rtol=1e-5, atol=1e-5)
 
 
+def test_predicted_tiles_work_with_scanpy_squidpy_and_spatialdata_plot(fitted):
+    """The tiles table after `tl.predict(region=)` is what the scverse tools expect, without any conversion."""
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+    import spatialdata
+    import spatialdata_plot  # noqa: F401  (registers `sdata.pl`)
+    import squidpy as sq
+    from spatialdata.models import TableModel
+
+    sdata, ensemble = fitted
+    member = ensemble.members[0]
+    _tiles_on_spots(sdata, "S2", "S2_scverse_tiles", size_um=80)
+    stpred.tl.predict(sdata, member, region="S2_scverse_tiles", key_added="pred", progress=False)
+    tiles = sdata.tables["S2_scverse_tiles_table"]
+    TableModel().validate(tiles)
+    _, joined = spatialdata.join_spatialelement_table(
+        sdata, spatial_element_names="S2_scverse_tiles", table_name="S2_scverse_tiles_table", how="inner"
+    )
+    assert joined.n_obs == tiles.n_obs
+
+    sq.gr.spatial_neighbors_knn(tiles, n_neighs=4)
+    assert tiles.obsp["spatial_connectivities"].shape == (tiles.n_obs, tiles.n_obs)
+    sc.pp.pca(tiles, layer="pred", n_comps=5)
+    sc.pp.neighbors(tiles, use_rep="X_pca", n_neighbors=8)
+    sc.tl.leiden(tiles, flavor="igraph", n_iterations=2, resolution=0.5)
+    assert tiles.obs["leiden"].nunique() >= 1
+
+    gene = member.genes[0]
+    fig, ax = plt.subplots()
+    sdata.pl.render_shapes("S2_scverse_tiles", color=gene, table_name="S2_scverse_tiles_table", table_layer="pred").pl.show(
+        ax=ax, coordinate_systems="S2"
+    )
+    assert ax.collections, "spatialdata-plot drew nothing"
+    plt.close(fig)
+
+
 def test_region_refusals_leave_the_object_unchanged(fitted):
     sdata, ensemble = fitted
     member = ensemble.members[0]
