@@ -45,12 +45,13 @@ def _text(outputs: list[Any]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", help="notebook name in tutorials/, without .ipynb")
+    parser.add_argument("name", help="notebook name in tutorials/ without .ipynb, or a path to a notebook")
     parser.add_argument("--out", default=None, help="JSON record (default benchmarks/results/tutorial_<name>_cpu.json)")
     parser.add_argument("--executed", default=None, help="where to write the executed notebook (default: not kept)")
     args = parser.parse_args()
 
-    path = ROOT / "tutorials" / f"{args.name}.ipynb"
+    path = Path(args.name) if args.name.endswith(".ipynb") else ROOT / "tutorials" / f"{args.name}.ipynb"
+    name = path.stem
     nb = nbformat.read(path, as_version=4)
     os.environ.pop("STPRED_TUTORIAL_FAST", None)
     cells: list[dict[str, Any]] = []
@@ -76,7 +77,7 @@ def main() -> None:
     for entry in cells:
         entry["outputs"] = _text(nb.cells[entry["cell"]].get("outputs", []))
     record = {
-        "notebook": f"tutorials/{args.name}.ipynb",
+        "notebook": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
         "configuration": "full (STPRED_TUTORIAL_FAST unset)",
         "completed": error is None,
         "error": error,
@@ -88,7 +89,7 @@ def main() -> None:
         "versions": versions(),
         "cells": cells,
     }
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"tutorial_{args.name}_cpu.json"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"tutorial_{name}_cpu.json"
     write_json(out, record)
     if args.executed:
         nbformat.write(nb, args.executed)
