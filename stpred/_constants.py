@@ -10,6 +10,8 @@ STPRED_TABLE = "stpred"
 TARGET_LAYER = "target"
 #: Key under ``uns`` where stpred records provenance.
 UNS_KEY = "stpred"
+#: Key under ``uns["stpred"]`` of a table made by :func:`stpred.pp.tile` (how the tiles were made, their image).
+TILES_KEY = "tiles"
 
 REGION_KEY = "region"
 INSTANCE_KEY = "spot_id"

@@ -98,6 +98,34 @@ def test_same_calls_on_a_spatialdata_io_visium_object(tmp_path):
     plt.close(fig)
 
 
+def test_tiles_on_a_spatialdata_io_visium_image_get_its_resolution_and_predictions(tmp_path):
+    """H&E-only prediction on the hires and lowres images of a spatialdata-io Visium section (names not `_hne`)."""
+    sdata = _sdio_visium(tmp_path)
+    with pytest.raises(ValueError, match=r"mpp=.*stpred\.io\.adopt"):
+        stpred.pp.tile(sdata, image_key="V1_hires_image", size_um=55, tissue=False)
+    assert "stpred" not in sdata.tables
+    assert not any(k.endswith("_tiles") for k in sdata.shapes)
+    _run(sdata)  # adopts the section, fits and predicts HiFusion at the spots
+    for image_key, scale in (("V1_hires_image", 0.25), ("V1_lowres_image", 1 / 16)):
+        stpred.pp.tile(sdata, image_key=image_key, size_um=55, tissue=False, key_added=f"tiles_{image_key}")
+        tiles = sdata.tables[f"tiles_{image_key}_table"]
+        # µm per pixel of this image, through its transformation: 55/40 µm per full-resolution pixel / scale
+        assert tiles.uns["stpred"]["mpp"] == {"V1": pytest.approx(55 / 40 / scale)}
+        assert list(tiles.obs["section"].unique()) == ["V1"]
+        assert tiles.n_obs == 100  # the same 550 µm image in both, 10 × 10 tiles of 55 µm (10 px hires, 2.5 px lowres)
+    stpred.tl.predict(sdata, "hifusion", region="tiles_V1_hires_image", progress=False)
+    tiles = sdata.tables["tiles_V1_hires_image_table"]
+    assert np.isfinite(tiles.layers["stpred_hifusion"]).all()
+    assert tiles.layers["stpred_hifusion"].std(axis=0).max() > 0
+    import matplotlib.pyplot as plt
+
+    fig = stpred.pl.spatial(
+        sdata, list(tiles.var_names[:1]), layers="stpred_hifusion", table_key="tiles_V1_hires_image_table", show=False
+    )
+    assert fig.axes[0].images, "the hires image is drawn under the tiles"
+    plt.close(fig)
+
+
 def test_same_calls_on_a_scanpy_anndata(tmp_path):
     adata = _scanpy_visium(tmp_path)
     n_vars, uns_spatial = adata.n_vars, adata.uns["spatial"]

@@ -193,7 +193,7 @@ def _tiles_on_spots(sdata, section, key, *, size_um):
     sdata.shapes[key] = _shapes(xy, size_px=size_um, layout="square", transformations=transformations)
     sdata.tables[f"{key}_table"] = _table(
         key_added=key, section=section, xy_um=xy, xy_px=xy, ij=np.zeros((len(xy), 2), int),
-        fraction=np.ones(len(xy)), mpp=1.0, size_um=size_um, stride_um=size_um, provenance={"image_key": image},
+        fraction=np.ones(len(xy)), mpp=1.0, size_um=size_um, stride_um=size_um, provenance={"image_key": f"{section}_hne"},
     )  # fmt: skip
     return spots.index.to_numpy()
 
@@ -244,7 +244,7 @@ def _upsampled_pyramid_without_full_resolution(image, factor: int = 2):
         refuse, dtype=np.uint8
     )
     tree = Image2DModel.parse(
-        full, dims=("c", "y", "x"), scale_factors=[factor, 2], transformations={"S2": Scale([1 / factor] * 2, axes=("x", "y"))}
+        full, dims=("c", "y", "x"), scale_factors=[factor, 2], transformations={"global": Scale([1 / factor] * 2, axes=("x", "y"))}
     )
     for key, data in zip(["scale1", "scale2"], stored, strict=True):
         assert tree[key]["image"].shape == data.shape
@@ -253,7 +253,10 @@ def _upsampled_pyramid_without_full_resolution(image, factor: int = 2):
 
 
 def test_tile_crops_come_from_the_stored_level_of_a_finer_scan(fitted):
-    """Same tissue scanned 2x finer (µm per pixel halved), finest level lazy and unreadable: same predictions."""
+    """Same tissue scanned 2x finer (µm per pixel halved), finest level lazy and unreadable: same predictions.
+
+    The image has a name of its own (not ``"<section>_hne"``): the tiles table's record of its image finds it.
+    """
     from spatialdata import SpatialData
     from spatialdata.transformations import get_transformation
 
@@ -264,11 +267,11 @@ def test_tile_crops_come_from_the_stored_level_of_a_finer_scan(fitted):
     image = _upsampled_pyramid_without_full_resolution(sdata.images["S2_hne"])
     spots = sdata.shapes["S2_spots"]
     xy = np.c_[spots.geometry.x.to_numpy(), spots.geometry.y.to_numpy()] * 2  # the same points on the finer grid
-    he = SpatialData(images={"S2_hne": image})
+    he = SpatialData(images={"slide_2x": image})
     he.shapes["tiles"] = _shapes(xy, size_px=80, layout="square", transformations=dict(get_transformation(image, get_all=True)))
     he.tables["tiles_table"] = _table(
         key_added="tiles", section="S2", xy_um=xy * 0.5, xy_px=xy, ij=np.zeros((len(xy), 2), int),
-        fraction=np.ones(len(xy)), mpp=0.5, size_um=40, stride_um=40, provenance={"image_key": "S2_hne"},
+        fraction=np.ones(len(xy)), mpp=0.5, size_um=40, stride_um=40, provenance={"image_key": "slide_2x"},
     )  # fmt: skip
     stpred.tl.predict(he, member, region="tiles", key_added="fine", ood=False, progress=False)
     table = sdata.tables["stpred"]

@@ -22,6 +22,7 @@ from .._constants import (
     SECTION_KEY,
     SPATIAL_KEY,
     STPRED_TABLE,
+    TILES_KEY,
     UNS_KEY,
     VISIUM_SPOT_DIAMETER_UM,
 )
@@ -561,11 +562,55 @@ def recorded_layout(table: AnnData) -> Layout | None:
 
 
 def section_image_key(table: AnnData, section: str) -> str:
-    """Image element of ``section`` of an stpred table (recorded layout, else stpred's ``"{section}_hne"``)."""
+    """Image element of ``section`` of an stpred table.
+
+    The recorded layout's image, else the image a tiles table was cut from (:func:`stpred.pp.tile` records it),
+    else stpred's ``"{section}_hne"``.
+    """
     layout = recorded_layout(table)
     if layout is not None and section in layout.sections:
         return layout.sections[section].image
+    tiles = dict(table.uns.get(UNS_KEY, {})).get(TILES_KEY)
+    if isinstance(tiles, Mapping) and tiles.get("image_key"):
+        return str(tiles["image_key"])
     return stpred_image_key(section)
+
+
+def image_section_mpp(sdata: SpatialData, image_key: str, section: str | None = None) -> tuple[str, float, str] | None:
+    """The adopted section an image shows, and the µm per pixel of its finest level, from a recorded layout.
+
+    Searches the layouts recorded by :func:`adopt` in the tables for the section whose image is ``image_key``,
+    else the one section whose coordinate system the image shares (a Visium section's lowres image beside its
+    hires one); ``section`` restricts the search to that section. The µm per pixel come through the image's own
+    transformation: µm per spot-coordinate unit divided by image pixels per spot-coordinate unit, so a hires and
+    a lowres image of one section each get their own.
+
+    Returns
+    -------
+    ``(section, mpp, source)``, or ``None`` when no recorded layout places the image with a known µm per pixel.
+    """
+    from spatialdata.transformations import get_transformation
+
+    image = sdata.images[image_key]
+    systems = set(get_transformation(image, get_all=True))
+    exact, shared = [], []
+    for name, table in sdata.tables.items():
+        layout = recorded_layout(table)
+        if layout is None:
+            continue
+        for sec, entry in layout.sections.items():
+            usable = entry.mpp is not None and entry.shapes in sdata.shapes and entry.coordinate_system in systems
+            if not usable or (section is not None and sec != section):
+                continue
+            (exact if entry.image == image_key else shared).append((name, sec, entry))
+    candidates = exact or (shared if len({sec for _, sec, _ in shared}) == 1 else [])
+    if not candidates:
+        return None
+    name, sec, entry = candidates[0]
+    matrix = _shapes_to_image(sdata.shapes[entry.shapes], image, entry.coordinate_system)
+    pixels_per_unit = math.sqrt(abs(float(np.linalg.det(matrix[:2, :2]))))
+    source = f"tables[{name!r}].uns['stpred']['layout'] (section {sec!r}) through the image's transformation"
+    return sec, float(entry.mpp) / pixels_per_unit, source
 
 
 def section_image_scale(table: AnnData, section: str) -> float:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._constants import SPATIAL_KEY, UNS_KEY
+from .._constants import SPATIAL_KEY, TILES_KEY, UNS_KEY
 from .._docs import doc_params
 from .._pyramid import pyramid_levels
 from ._utils import doc_show_save, finish, frame_section, new_axes, section_image
@@ -25,7 +25,7 @@ def _tile_tables(sdata: SpatialData) -> dict[str, tuple[str, AnnData]]:
     out = {}
     for name, table in sdata.tables.items():
         meta = table.uns.get(UNS_KEY, {})
-        if "tiles" not in meta:
+        if TILES_KEY not in meta:
             continue
         regions = table.uns.get("spatialdata_attrs", {}).get("region")
         for region in np.atleast_1d(regions):
@@ -64,7 +64,7 @@ def tissue_data(sdata: SpatialData, key: str | None = None) -> dict[str, Any]:
         msg = f"No tiles {key!r} made by `stpred.pp.tile`; found {sorted(tables)}. Run `stpred.pp.tile(sdata)` first."
         raise KeyError(msg)
     table_key, table = tables[key]
-    meta = table.uns[UNS_KEY]["tiles"]
+    meta = table.uns[UNS_KEY][TILES_KEY]
     image_key = meta["image_key"]
     if image_key not in sdata.images:
         msg = f"The image {image_key!r} that tiles {key!r} were laid on is no longer in `sdata.images`."

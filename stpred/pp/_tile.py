@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from .._constants import INSTANCE_KEY, REGION_KEY, SECTION_KEY, SPATIAL_KEY, UNS_KEY
+from .._constants import INSTANCE_KEY, REGION_KEY, SECTION_KEY, SPATIAL_KEY, TILES_KEY, UNS_KEY
 from .._provenance import plain, record
 from .._pyramid import pyramid_levels
 from .._validate import check_one_of
+from ..io._adopt import image_section_mpp
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -171,7 +172,7 @@ def _tile_outputs(sdata: SpatialData) -> set[str]:
     """Names of the elements written by earlier calls of :func:`tile` (tables, their tiles and masks)."""
     out = set()
     for name, table in sdata.tables.items():
-        meta = table.uns.get(UNS_KEY, {}).get("tiles")
+        meta = table.uns.get(UNS_KEY, {}).get(TILES_KEY)
         if not isinstance(meta, Mapping):
             continue
         out.add(name)
@@ -206,13 +207,22 @@ def _default_section(image_key: str, coordinate_systems: list[str]) -> str:
     return image_key
 
 
-def _resolve_mpp(sdata: SpatialData, section: str, image_key: str, mpp: float | None) -> tuple[float, str]:
-    """µm per full-resolution pixel: ``mpp`` if given, else ``uns["stpred"]["mpp"][section]`` of a table."""
+def _resolve_mpp(
+    sdata: SpatialData, section: str, image_key: str, mpp: float | None, placed: tuple[str, float, str] | None
+) -> tuple[float, str]:
+    """µm per full-resolution pixel of the image.
+
+    ``mpp`` if given; else through the image's transformation from an adopted table's layout (``placed``, from
+    :func:`~stpred.io._adopt.image_section_mpp`); else ``uns["stpred"]["mpp"][section]`` of a table, whose spot
+    coordinates are the image's pixels (stpred's readers).
+    """
     if mpp is not None:
         if isinstance(mpp, bool) or not isinstance(mpp, int | float | np.number) or not np.isfinite(mpp) or mpp <= 0:
             msg = f"Expected `mpp` to be a positive number of µm per pixel, found {mpp!r}."
             raise ValueError(msg)
         return float(mpp), "argument"
+    if placed is not None and placed[0] == section:
+        return placed[1], placed[2]
     for name, table in sdata.tables.items():
         values = table.uns.get(UNS_KEY, {}).get("mpp")
         if isinstance(values, Mapping) and section in values:
@@ -220,7 +230,8 @@ def _resolve_mpp(sdata: SpatialData, section: str, image_key: str, mpp: float | 
     msg = (
         f"The µm per pixel of image {image_key!r} (section {section!r}) are unknown: no table records "
         f"`uns['stpred']['mpp'][{section!r}]`. Pass `mpp=` (microns per full-resolution pixel, e.g. 0.5 for a 20× "
-        "scan; see the scanner's metadata)."
+        "scan; see the scanner's metadata), or, when the object also holds this section's spots and counts, call "
+        "`stpred.io.adopt(sdata)` first so that they come from the spots through the image's transformation."
     )
     raise ValueError(msg)
 
@@ -478,7 +489,7 @@ def _table(
         "spot_diameter_um": {section: float(size_um)},
         "pitch_um": {section: float(stride_um)},
         "technology": {section: TILES_TECHNOLOGY},
-        "tiles": plain(provenance),
+        TILES_KEY: plain(provenance),
     }
     return TableModel.parse(adata, region=[key_added], region_key=REGION_KEY, instance_key=INSTANCE_KEY)
 
@@ -555,13 +566,16 @@ def tile(
         to count (default 0.05); below it the image counts as having no tissue. Lower it for a very faint stain. Only
         with ``tissue=True``.
     mpp
-        Microns per full-resolution pixel of the image. By default read from ``uns["stpred"]["mpp"][section]`` of a
-        table (the stpred readers record it); required otherwise.
+        Microns per full-resolution pixel of the image. By default found through the image's transformation when a
+        table adopted by :func:`stpred.io.adopt` (or any ``pp`` function) places the image's section — so a
+        spatialdata-io Visium object's hires and lowres images each get their own — else read from
+        ``uns["stpred"]["mpp"][section]`` of a table (the stpred readers record it); required otherwise.
     level
         Pyramid level used for tissue detection; ``None`` chooses as described above.
     section
-        Section name written to ``obs["section"]``; defaults to the image key without its ``"_hne"`` suffix (the
-        stpred naming), else the image's only coordinate system, else the image key.
+        Section name written to ``obs["section"]``; defaults to the adopted section the image shows (see ``mpp``),
+        else the image key without its ``"_hne"`` suffix (the stpred naming), else the image's only coordinate
+        system, else the image key.
     key_added
         Name of the new shapes element; defaults to ``"{section}_tiles"``.
     table_key
@@ -645,9 +659,11 @@ def tile(
 
     image = sdata.images[image_key]
     transformations = dict(get_transformation(image, get_all=True))
-    section = (
-        _default_section(image_key, list(transformations)) if section is None else _check_key(section, name="section")
-    )
+    if section is not None:
+        section = _check_key(section, name="section")
+    placed = image_section_mpp(sdata, image_key, section)
+    if section is None:
+        section = placed[0] if placed is not None else _default_section(image_key, list(transformations))
     key_added = f"{section}_tiles" if key_added is None else _check_key(key_added, name="key_added")
     table_key = f"{key_added}_table" if table_key is None else _check_key(table_key, name="table_key")
     if tissue:
@@ -674,7 +690,7 @@ def tile(
         if not overwrite:
             msg = f"`sdata.{existing[name]}` already has an element {name!r}; pass `overwrite=True` to replace it."
             raise ValueError(msg)
-    mpp, mpp_source = _resolve_mpp(sdata, section, image_key, mpp)
+    mpp, mpp_source = _resolve_mpp(sdata, section, image_key, mpp, placed)
 
     # ------------------------------------------------------------------ lattice over the whole image
     levels = pyramid_levels(image)
