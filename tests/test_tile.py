@@ -302,7 +302,7 @@ def test_tile_no_tissue() -> None:
     assert _names(sdata)["tables"] == []
     assert _names(sdata)["labels"] == []
     stpred.pp.tile(sdata, size_um=50, mpp=1.0, tissue=False)
-    assert sdata.tables["glass_tiles_table"].n_obs == 12 * 12
+    assert sdata.tables["img_tiles_table"].n_obs == 12 * 12  # named after the image, not its coordinate system
 
 
 def test_tile_other_image_types_detect_the_same_tissue() -> None:
@@ -324,7 +324,7 @@ def test_tile_other_image_types_detect_the_same_tissue() -> None:
     for name, pixels in variants.items():
         sdata = _image_sdata(pixels, {"s": Identity()})
         stpred.pp.tile(sdata, size_um=50, mpp=1.0)
-        kept[name] = sdata.tables["s_tiles_table"].obs["spot_id"].tolist()
+        kept[name] = sdata.tables["img_tiles_table"].obs["spot_id"].tolist()
     assert len(kept["uint8"]) == 36
     assert all(ids == kept["uint8"] for ids in kept.values()), {k: len(v) for k, v in kept.items()}
 
@@ -334,7 +334,7 @@ def test_tile_other_image_types_detect_the_same_tissue() -> None:
             stpred.pp.tile(sdata, size_um=50, mpp=1.0)
         assert _names(sdata)["tables"] == []
         stpred.pp.tile(sdata, size_um=50, mpp=1.0, tissue=False)
-        assert sdata.tables["s_tiles_table"].n_obs == 12 * 12
+        assert sdata.tables["img_tiles_table"].n_obs == 12 * 12
 
 
 # ------------------------------------------------------------------------------------------------- plot

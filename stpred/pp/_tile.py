@@ -198,12 +198,14 @@ def _resolve_image(sdata: SpatialData, image_key: str | None) -> str:
     return image_key
 
 
-def _default_section(image_key: str, coordinate_systems: list[str]) -> str:
-    """``"C2"`` for ``"C2_hne"`` (the stpred naming), else the image's only coordinate system, else the key."""
+def _default_section(image_key: str) -> str:
+    """``"C2"`` for ``"C2_hne"`` (the stpred naming), else the image key.
+
+    Not the image's coordinate system: most hand-built objects put every image in spatialdata's default ``"global"``,
+    which would give every slide the same section and the same tile names.
+    """
     if image_key.endswith("_hne") and len(image_key) > 4:
         return image_key[: -len("_hne")]
-    if len(coordinate_systems) == 1:
-        return coordinate_systems[0]
     return image_key
 
 
@@ -574,8 +576,7 @@ def tile(
         Pyramid level used for tissue detection; ``None`` chooses as described above.
     section
         Section name written to ``obs["section"]``; defaults to the adopted section the image shows (see ``mpp``),
-        else the image key without its ``"_hne"`` suffix (the stpred naming), else the image's only coordinate
-        system, else the image key.
+        else the image key without its ``"_hne"`` suffix (the stpred naming), else the image key.
     key_added
         Name of the new shapes element; defaults to ``"{section}_tiles"``.
     table_key
@@ -663,7 +664,7 @@ def tile(
         section = _check_key(section, name="section")
     placed = image_section_mpp(sdata, image_key, section)
     if section is None:
-        section = placed[0] if placed is not None else _default_section(image_key, list(transformations))
+        section = placed[0] if placed is not None else _default_section(image_key)
     key_added = f"{section}_tiles" if key_added is None else _check_key(key_added, name="key_added")
     table_key = f"{key_added}_table" if table_key is None else _check_key(table_key, name="table_key")
     if tissue:
