@@ -268,8 +268,8 @@ def _pick_cs(common: set[str], section: str, shapes_name: str) -> str:
     return sorted(common)[0]
 
 
-def _shapes_to_image(shapes: Any, image: Any, cs: str) -> np.ndarray:
-    """3×3 affine matrix from spot coordinates to pixels of the image's finest level."""
+def _image_pixels_per_unit(shapes: Any, image: Any, cs: str) -> float:
+    """Pixels of the image's finest level per spot-coordinate unit (through the shared coordinate system ``cs``)."""
     from spatialdata.transformations import Sequence as TSequence
     from spatialdata.transformations import get_transformation
 
@@ -279,7 +279,8 @@ def _shapes_to_image(shapes: Any, image: Any, cs: str) -> np.ndarray:
     chain = TSequence(
         [get_transformation(shapes, to_coordinate_system=cs), get_transformation(level, to_coordinate_system=cs).inverse()]
     )
-    return np.asarray(chain.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
+    matrix = np.asarray(chain.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), dtype=np.float64)
+    return math.sqrt(abs(float(np.linalg.det(matrix[:2, :2]))))
 
 
 def spot_centres(sdata: SpatialData, table: AnnData, rows: np.ndarray, shapes_name: str) -> np.ndarray:
@@ -438,8 +439,7 @@ def resolve(
             raise KeyError(msg)
         shapes = sdata.shapes[shapes_name]
         image, cs = _choose_image(sdata, section, shapes_name, shapes, _per_section(image_key, section, "image_key"))
-        matrix = _shapes_to_image(shapes, sdata.images[image], cs)
-        scale = math.sqrt(abs(float(np.linalg.det(matrix[:2, :2]))))
+        scale = _image_pixels_per_unit(shapes, sdata.images[image], cs)
         radius, default_um = None, VISIUM_SPOT_DIAMETER_UM
         if "radius" in shapes.columns:
             r = np.asarray(shapes["radius"], dtype=np.float64)
@@ -607,8 +607,7 @@ def image_section_mpp(sdata: SpatialData, image_key: str, section: str | None = 
     if not candidates:
         return None
     name, sec, entry = candidates[0]
-    matrix = _shapes_to_image(sdata.shapes[entry.shapes], image, entry.coordinate_system)
-    pixels_per_unit = math.sqrt(abs(float(np.linalg.det(matrix[:2, :2]))))
+    pixels_per_unit = _image_pixels_per_unit(sdata.shapes[entry.shapes], image, entry.coordinate_system)
     source = f"tables[{name!r}].uns['stpred']['layout'] (section {sec!r}) through the image's transformation"
     return sec, float(entry.mpp) / pixels_per_unit, source
 

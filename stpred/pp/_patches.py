@@ -395,8 +395,6 @@ def get_patch_bank(sdata: SpatialData, *, size: int | None = None, context_size:
 # geometry
 
 
-
-
 def _coordinate_system(shapes: Any, image: Any, section: str) -> str:
     from spatialdata.transformations import get_transformation
 

@@ -215,7 +215,7 @@ def _resolve_mpp(
     """µm per full-resolution pixel of the image.
 
     ``mpp`` if given; else through the image's transformation from an adopted table's layout (``placed``, from
-    :func:`~stpred.io._adopt.image_section_mpp`); else ``uns["stpred"]["mpp"][section]`` of a table, whose spot
+    :func:`~stpred.io._adopt.image_section_mpp` for this section); else ``uns["stpred"]["mpp"][section]`` of a table, whose spot
     coordinates are the image's pixels (stpred's readers).
     """
     if mpp is not None:
@@ -223,7 +223,7 @@ def _resolve_mpp(
             msg = f"Expected `mpp` to be a positive number of µm per pixel, found {mpp!r}."
             raise ValueError(msg)
         return float(mpp), "argument"
-    if placed is not None and placed[0] == section:
+    if placed is not None:
         return placed[1], placed[2]
     for name, table in sdata.tables.items():
         values = table.uns.get(UNS_KEY, {}).get("mpp")
@@ -273,8 +273,6 @@ class _Level:
     coarsen: int  # extra block-mean factor applied lazily on top of it
     data: DataArray  # (c, y, x), lazy
     scale: tuple[float, float]  # full-resolution pixels per pixel of ``data`` along (y, x)
-
-
 
 
 def _choose_level(image: Any, *, size_px: float, level: int | None, image_key: str) -> _Level:
