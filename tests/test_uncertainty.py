@@ -180,22 +180,39 @@ def test_ledoit_wolf_shrinks_toward_scaled_identity():
 
 
 # ------------------------------------------------------------------------------------------- prediction on tiles
-def _tiles_on_spots(sdata, section, key, *, size_um):
-    """Square tiles (as `pp.tile` writes them) centred on the spots of ``section``, in the image's pixel frame."""
+def _tiles_on_spots(sdata, section, key, *, size_um, into=None, image_key=None, factor=1):
+    """Square tiles (as `pp.tile` writes them) centred on the spots of ``section``, in the image's pixel frame.
+
+    By default on the section's own image (1 µm per pixel) in ``sdata``; ``into`` and ``image_key`` place them on
+    another object's image of the same tissue scanned ``factor`` times finer.
+    """
     from spatialdata.transformations import get_transformation
 
     from stpred.pp._tile import _shapes, _table
 
+    into = sdata if into is None else into
+    image_key = f"{section}_hne" if image_key is None else image_key
     spots = sdata.shapes[f"{section}_spots"]
-    xy = np.c_[spots.geometry.x.to_numpy(), spots.geometry.y.to_numpy()]
-    image = sdata.images[f"{section}_hne"]
-    transformations = dict(get_transformation(image, get_all=True))
-    sdata.shapes[key] = _shapes(xy, size_px=size_um, layout="square", transformations=transformations)
-    sdata.tables[f"{key}_table"] = _table(
-        key_added=key, section=section, xy_um=xy, xy_px=xy, ij=np.zeros((len(xy), 2), int),
-        fraction=np.ones(len(xy)), mpp=1.0, size_um=size_um, stride_um=size_um, provenance={"image_key": f"{section}_hne"},
+    xy_um = np.c_[spots.geometry.x.to_numpy(), spots.geometry.y.to_numpy()]
+    xy_px = xy_um * factor
+    transformations = dict(get_transformation(into.images[image_key], get_all=True))
+    into.shapes[key] = _shapes(xy_px, size_px=size_um * factor, layout="square", transformations=transformations)
+    into.tables[f"{key}_table"] = _table(
+        key_added=key, section=section, xy_um=xy_um, xy_px=xy_px, ij=np.zeros((len(xy_um), 2), int),
+        fraction=np.ones(len(xy_um)), mpp=1.0 / factor, size_um=size_um, stride_um=size_um,
+        provenance={"image_key": image_key},
     )  # fmt: skip
     return spots.index.to_numpy()
+
+
+def _spot_predictions(sdata, predictor, ids, section="S2"):
+    """``predictor``'s predictions at the spots ``ids`` of ``section`` (genes in table order), and their table rows."""
+    table = sdata.tables["stpred"]
+    rows = _rows(sdata, section)
+    pred = predictor.predict(sdata, [section], progress=False)[:, predictor.check_compatible(table).argsort()]
+    by_id = dict(zip(table.obs["spot_id"].to_numpy()[rows], range(len(rows))))
+    order = [by_id[i] for i in ids]
+    return pred[order], rows[order]
 
 
 def test_tile_prediction_equals_spot_prediction_at_the_same_centre(fitted):
@@ -211,16 +228,12 @@ def test_tile_prediction_equals_spot_prediction_at_the_same_centre(fitted):
     assert tiles.layers["tiles_std"].std() > 0
     assert "tiles_ood" in tiles.obs
     stpred.tl.predict(sdata, member, region="S2_test_tiles", key_added="det", ood=False, progress=False)
-    table = sdata.tables["stpred"]
-    rows = _rows(sdata, "S2")
-    spot_pred = member.predict(sdata, ["S2"], progress=False)[:, member.check_compatible(table).argsort()]
-    by_id = dict(zip(table.obs["spot_id"].to_numpy()[rows], range(len(rows))))
-    order = [by_id[i] for i in ids]
-    np.testing.assert_allclose(tiles.layers["det"], spot_pred[order], rtol=1e-5, atol=1e-5)
+    spot_pred, spot_rows = _spot_predictions(sdata, member, ids)
+    np.testing.assert_allclose(tiles.layers["det"], spot_pred, rtol=1e-5, atol=1e-5)
     # the OOD score of a tile is its spot's score
     stpred.tl.predict(sdata, member, sections=["S2"], key_added="spot_ood", ood=True, progress=False)
     np.testing.assert_allclose(
-        tiles.obs["tiles_ood"].to_numpy(), table.obs["spot_ood_ood"].to_numpy()[rows][order], rtol=1e-4
+        tiles.obs["tiles_ood"].to_numpy(), sdata.tables["stpred"].obs["spot_ood_ood"].to_numpy()[spot_rows], rtol=1e-4
     )
 
 
@@ -258,28 +271,14 @@ def test_tile_crops_come_from_the_stored_level_of_a_finer_scan(fitted):
     The image has a name of its own (not ``"<section>_hne"``): the tiles table's record of its image finds it.
     """
     from spatialdata import SpatialData
-    from spatialdata.transformations import get_transformation
-
-    from stpred.pp._tile import _shapes, _table
 
     sdata, ensemble = fitted
     member = ensemble.members[0]
-    image = _upsampled_pyramid_without_full_resolution(sdata.images["S2_hne"])
-    spots = sdata.shapes["S2_spots"]
-    xy = np.c_[spots.geometry.x.to_numpy(), spots.geometry.y.to_numpy()] * 2  # the same points on the finer grid
-    he = SpatialData(images={"slide_2x": image})
-    he.shapes["tiles"] = _shapes(xy, size_px=80, layout="square", transformations=dict(get_transformation(image, get_all=True)))
-    he.tables["tiles_table"] = _table(
-        key_added="tiles", section="S2", xy_um=xy * 0.5, xy_px=xy, ij=np.zeros((len(xy), 2), int),
-        fraction=np.ones(len(xy)), mpp=0.5, size_um=40, stride_um=40, provenance={"image_key": "slide_2x"},
-    )  # fmt: skip
+    he = SpatialData(images={"slide_2x": _upsampled_pyramid_without_full_resolution(sdata.images["S2_hne"])})
+    ids = _tiles_on_spots(sdata, "S2", "tiles", size_um=40, into=he, image_key="slide_2x", factor=2)
     stpred.tl.predict(he, member, region="tiles", key_added="fine", ood=False, progress=False)
-    table = sdata.tables["stpred"]
-    rows = _rows(sdata, "S2")
-    spot_pred = member.predict(sdata, ["S2"], progress=False)[:, member.check_compatible(table).argsort()]
-    by_id = dict(zip(table.obs["spot_id"].to_numpy()[rows], range(len(rows))))
-    order = [by_id[i] for i in spots.index.to_numpy()]
-    np.testing.assert_allclose(he.tables["tiles_table"].layers["fine"], spot_pred[order], rtol=1e-5, atol=1e-5)
+    spot_pred, _ = _spot_predictions(sdata, member, ids)
+    np.testing.assert_allclose(he.tables["tiles_table"].layers["fine"], spot_pred, rtol=1e-5, atol=1e-5)
 
 
 def test_predicted_tiles_work_with_scanpy_squidpy_and_spatialdata_plot(fitted):
@@ -351,11 +350,8 @@ def test_hist_tiles_rebuild_embeddings_and_lattice():
     ids = _tiles_on_spots(sdata, "S2", "S2_hist_tiles", size_um=80)
     stpred.tl.predict(sdata, predictor, region="S2_hist_tiles", key_added="hist", progress=False)
     tiles = sdata.tables["S2_hist_tiles_table"]
-    table = sdata.tables["stpred"]
-    rows = _rows(sdata, "S2")
-    spot_pred = predictor.predict(sdata, ["S2"], progress=False)[:, predictor.check_compatible(table).argsort()]
-    by_id = dict(zip(table.obs["spot_id"].to_numpy()[rows], range(len(rows))))
-    np.testing.assert_allclose(tiles.layers["hist"], spot_pred[[by_id[i] for i in ids]], rtol=1e-4, atol=1e-4)
+    spot_pred, _ = _spot_predictions(sdata, predictor, ids)
+    np.testing.assert_allclose(tiles.layers["hist"], spot_pred, rtol=1e-4, atol=1e-4)
     assert "hist_ood" in tiles.obs
     # tiles far denser than the training lattice: refused by stpred, naming the stride to use
     stpred.pp.tile(sdata, image_key="S2_hne", size_um=20, tissue=False, mpp=1.0, key_added="S2_dense")
