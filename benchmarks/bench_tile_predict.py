@@ -101,11 +101,9 @@ def _scaling(tree: Any, mpp: float, predictors: dict[str, Any], *, derived_from:
     """Tile and predict C6 upsampled 1×, 2×, 4× (stored pyramid) and 1×, 2× (derived pyramid)."""
     from bench_tiles import _derived_pyramid, _stored_pyramid
 
-    builds = [("stored", f, lambda f: _stored_pyramid(tree, f, "C6")) for f in (1, 2, 4)]
-    builds += [("derived", f, lambda f: _derived_pyramid(derived_from, f, "C6")) for f in (1, 2)]
     out: dict[str, Any] = {"stored": {}, "derived": {}}
-    for kind, factor, build in builds:
-        image = build(factor)
+    for kind, factor in [("stored", 1), ("stored", 2), ("stored", 4), ("derived", 1), ("derived", 2)]:
+        image = _stored_pyramid(tree, factor, "C6") if kind == "stored" else _derived_pyramid(derived_from, factor, "C6")
         full = image["scale0"]["image"]
         he = SpatialData(images={"C6_hne": image})
         stpred.pp.tile(he, size_um=100, mpp=mpp / factor, key_added="tiles")
